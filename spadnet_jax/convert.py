@@ -1,0 +1,232 @@
+"""Official PyTorch SPADNet weights <-> spadnet-jax variables.
+
+    python -m spadnet_jax.convert official.pth OUT_DIR        # -> Orbax checkpoint
+    python -m spadnet_jax.convert official.npz OUT_DIR        # no torch needed
+    python -m spadnet_jax.convert --to_official CKPT OUT.npz  # -> torch-named .npz
+
+The model configuration (scale, blocks, features, switches) is inferred from the state
+dict's key names and shapes and stored with the checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from spadnet_jax.models import SPADNet
+
+_RCAB = {"conv1": "body.0", "conv2": "body.2", "attention/reduce": "body.3.conv_du.0",
+         "attention/expand": "body.3.conv_du.2"}
+_HAB = {"conv_sr": "conv1_SR", "conv_guide": "conv1_heatmap", "gsac": "conv2_heatmap",
+        "lsac": "pacconv1", "fuse": "conv3", "out": "conv2"}
+_LEAF = {"kernel": "weight", "bias": "bias", "inv_alpha": "inv_alpha", "inv_lambda": "inv_lambda"}
+
+
+def _branch_offset(num_stages: int) -> int:
+  """Official stage numbering: x4 (model/unet4.py) names its two stages 2 and 3."""
+  return 1 if num_stages == 2 else 0
+
+
+def official_key(path: tuple[str, ...], num_stages: int) -> str:
+  """Official state_dict key of the Flax parameter at `path` (e.g. ('head', 'kernel'))."""
+  *mods, leaf = path
+  mod = "/".join(mods)
+  suffix = _LEAF[leaf]
+  if mod == "head":
+    return f"head.1.{suffix}"
+  if mod in ("sr_out", "hm_out"):
+    return f"{'SR' if mod == 'sr_out' else 'Heatmap'}_out.{suffix}"
+  m = re.fullmatch(r"stage(\d+)_(sr|hm|hab)(_up|\d+)/(.+)", mod)
+  if not m:
+    raise KeyError(f"no official name for parameter {'/'.join(path)}")
+  stage, branch, which, sub = m.groups()
+  k = int(stage) + _branch_offset(num_stages)
+  if which == "_up":
+    return f"{'SR' if branch == 'sr' else 'Heatmap'}_up{k}.0.0.{suffix}"
+  if branch == "hab":
+    return f"hab_branch{k}.{which}.{_HAB[sub]}.{suffix}"
+  return f"{'SR' if branch == 'sr' else 'Heatmap'}_branch{k}.{which}.{_RCAB[sub]}.{suffix}"
+
+
+def torch_to_flax(name: str, value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+  """Official tensor layout -> Flax layout (OIHW conv -> HWIO; 1x1 conv -> Dense)."""
+  value = np.asarray(value, np.float32)
+  if len(flax_shape) == 4:
+    value = value.transpose(2, 3, 1, 0)
+  elif len(flax_shape) == 2:
+    if value.ndim != 4 or value.shape[2:] != (1, 1):
+      raise ValueError(f"official key {name}: expected a 1x1 conv weight, got shape {value.shape}")
+    value = value[:, :, 0, 0].T
+  if value.shape != tuple(flax_shape):
+    raise ValueError(f"official key {name} has a shape that maps to {value.shape}, the model "
+                     f"needs {tuple(flax_shape)}")
+  return value
+
+
+def flax_to_torch(value: Any) -> np.ndarray:
+  """Flax layout -> official tensor layout (the inverse of torch_to_flax)."""
+  value = np.asarray(value, np.float32)
+  if value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  if value.ndim == 2:
+    return value.T[:, :, None, None]
+  return value
+
+
+def load_state_dict(source: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Read an official state dict from a mapping, a .pth (needs torch) or an .npz.
+
+  In an .npz holding other arrays too (as the parity fixtures do), only the
+  'state_dict/'-prefixed entries are read. A 'module.' prefix (DataParallel) is removed.
+  """
+  if isinstance(source, Mapping):
+    sd = dict(source)
+  else:
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"state dict {path} does not exist")
+    if path.endswith(".npz"):
+      with np.load(path) as data:
+        keys = list(data.files)
+        if any(k.startswith("state_dict/") for k in keys):
+          sd = {k[len("state_dict/"):]: data[k] for k in keys if k.startswith("state_dict/")}
+        else:
+          sd = {k: data[k] for k in keys}
+    else:
+      try:
+        import torch  # pylint: disable=import-outside-toplevel
+      except ImportError as e:
+        raise ImportError(f"reading {path} needs PyTorch (pip install torch); or convert it "
+                          "to an .npz of its state_dict first") from e
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+      if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+      if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
+      sd = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+  out = {}
+  for k, v in sd.items():
+    out[k[len("module."):] if k.startswith("module.") else k] = np.asarray(v)
+  return out
+
+
+def infer_model_fields(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Model fields implied by an official state dict's key names and shapes."""
+  if "head.1.weight" not in sd:
+    raise KeyError("official state dict has no 'head.1.weight': is this a SPADNet state dict?")
+  head = sd["head.1.weight"]
+  if head.ndim != 4 or head.shape[1] % 3:
+    raise ValueError(f"official key head.1.weight has shape {head.shape}; expected "
+                     "(n_feats, 3*scale**2, 3, 3)")
+  scale = int(round((head.shape[1] // 3) ** 0.5))
+  if 3 * scale * scale != head.shape[1]:
+    raise ValueError(f"official key head.1.weight has {head.shape[1]} input channels, "
+                     "not 3*scale**2")
+  reduce_keys = sorted(k for k in sd if k.endswith("body.3.conv_du.0.weight"))
+  reduced = sd[reduce_keys[0]].shape[0] if reduce_keys else None
+  rcab = {int(m.group(1)) for k in sd if (m := re.match(r"SR_branch\d+\.(\d+)\.", k))}
+  habs = {int(m.group(1)) for k in sd if (m := re.match(r"hab_branch\d+\.(\d+)\.", k))}
+  return dict(
+      scale=scale,
+      n_feats=int(head.shape[0]),
+      number=max(rcab) + 1 if rcab else 0,
+      hab_num=max(habs) + 1 if habs else 0,
+      reduction=int(head.shape[0]) // reduced if reduced else 16,
+      pac_kernel="inverse" if any(k.endswith("pacconv1.inv_alpha") for k in sd) else "gaussian",
+      use_lsac=any(".pacconv1." in k for k in sd) or not habs,
+      use_gsac=any(".conv2_heatmap." in k for k in sd) or not habs,
+      heatmap_branch="Heatmap_out.weight" in sd,
+  )
+
+
+def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = True,
+                  **model_fields: Any) -> tuple[SPADNet, dict[str, Any]]:
+  """Build the SPADNet an official state dict describes and its Flax variables.
+
+  `model_fields` may fix fields the keys cannot tell (gsac_gate, pac_impl, dtype, ...);
+  a field that contradicts the state dict is an error. Missing or mis-shaped keys are
+  errors naming the key; unexpected keys are errors too unless strict=False, which
+  reports them as a warning.
+  """
+  sd = load_state_dict(state_dict_or_path)
+  inferred = infer_model_fields(sd)
+  for name, value in model_fields.items():
+    if name in inferred and value != inferred[name]:
+      raise ValueError(f"{name}={value!r} was requested but the state dict is for "
+                       f"{name}={inferred[name]!r}")
+  model = SPADNet(**{**inferred, **model_fields})
+  model.check()
+  abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 128, 128, 3), np.float32))
+  flat = traverse_util.flatten_dict(abstract["params"])
+  params, used = {}, set()
+  for path, leaf in flat.items():
+    key = official_key(path, model.num_stages)
+    if key not in sd:
+      raise KeyError(f"official state dict has no key {key!r} (needed for Flax parameter "
+                     f"{'/'.join(path)})")
+    params[path] = torch_to_flax(key, sd[key], leaf.shape)
+    used.add(key)
+  unexpected = sorted(set(sd) - used)
+  if unexpected:
+    msg = (f"official state dict has {len(unexpected)} keys this model does not use: "
+           f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    if strict:
+      raise ValueError(msg + " (pass strict=False to convert anyway)")
+    print(f"warning: {msg}", file=sys.stderr)
+  return model, {"params": traverse_util.unflatten_dict(params)}
+
+
+def to_official(model: SPADNet, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Flax variables -> official state dict (torch names and layouts) as NumPy arrays."""
+  flat = traverse_util.flatten_dict(dict(variables["params"]))
+  return {official_key(path, model.num_stages): flax_to_torch(v) for path, v in flat.items()}
+
+
+def save_official_npz(path: str, model: SPADNet, variables: Mapping[str, Any]) -> None:
+  """Write `to_official` output as an .npz, atomically, refusing to overwrite."""
+  if os.path.exists(path):
+    raise FileExistsError(f"{path} already exists; choose another output path")
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  try:
+    np.savez(tmp, **to_official(model, variables))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def main(argv: list[str]) -> int:
+  """Command line: see the module docstring."""
+  from spadnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="python -m spadnet_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("source", help="official .pth/.npz state dict, or with --to_official a "
+                      "spadnet-jax checkpoint directory")
+  parser.add_argument("output", help="checkpoint directory to create, or with --to_official "
+                      "the .npz to write")
+  parser.add_argument("--to_official", action="store_true",
+                      help="convert a spadnet-jax checkpoint to a torch-named .npz")
+  parser.add_argument("--gsac_gate", default=None, choices=("official", "channel"))
+  parser.add_argument("--no_strict", action="store_true",
+                      help="convert even when the state dict has keys the model does not use")
+  args = parser.parse_args(argv)
+  if args.to_official:
+    model, variables, step = checkpoint.load_model(args.source)
+    save_official_npz(args.output, model, variables)
+    print(f"wrote {args.output} from {args.source} (step {step})")
+    return 0
+  fields = {} if args.gsac_gate is None else {"gsac_gate": args.gsac_gate}
+  model, variables = from_official(args.source, strict=not args.no_strict, **fields)
+  where = checkpoint.save_inference_checkpoint(args.output, model, variables, step=0)
+  print(f"wrote {where}: {checkpoint.model_config(model)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,113 @@
+"""SPADNet's building blocks as thin Flax modules over spadnet_jax.ops (NHWC)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from spadnet_jax import ops
+
+Dtype = Any
+
+
+def conv3x3(features: int, name: str, dtype: Dtype) -> nn.Conv:
+  """3x3, stride 1, zero padding 1, with bias: every convolution of the official model."""
+  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, name=name)
+
+
+class ChannelAttention(nn.Module):
+  """RCAN channel attention: x * sigmoid(W2 relu(W1 mean_hw(x)))."""
+  reduction: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    c = x.shape[-1]
+    y = jnp.mean(x, axis=(1, 2), keepdims=True)
+    y = nn.relu(nn.Dense(max(c // self.reduction, 1), dtype=self.dtype, name="reduce")(y))
+    y = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name="expand")(y))
+    return x * y
+
+
+class RCAB(nn.Module):
+  """Residual channel-attention block: x + CA(conv(relu(conv(x))))."""
+  reduction: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    c = x.shape[-1]
+    y = nn.relu(conv3x3(c, "conv1", self.dtype)(x))
+    y = conv3x3(c, "conv2", self.dtype)(y)
+    return x + ChannelAttention(self.reduction, self.dtype, name="attention")(y)
+
+
+class Upsample2x(nn.Module):
+  """conv3x3 C -> 4C, then pixel shuffle x2 (torch channel order)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    return ops.pixel_shuffle(conv3x3(4 * x.shape[-1], "conv", self.dtype)(x), 2)
+
+
+class PacConv(nn.Module):
+  """LSAC: a 3x3 pixel-adaptive convolution whose per-pixel kernel comes from `guide`.
+
+  Parameters mirror a 3x3 Conv (kernel (3, 3, Cin, Cout), bias); the inverse kernel
+  adds two learnable scalars.
+  """
+  features: int
+  kernel_type: str = "gaussian"
+  impl: str = "einsum"
+  inv_alpha: float = 0.0
+  inv_lambda: float = -1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, guide: jnp.ndarray) -> jnp.ndarray:
+    cin = x.shape[-1]
+    w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features))
+    b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    if self.kernel_type == "gaussian":
+      k = ops.gaussian_kernel(guide, 3)
+    elif self.kernel_type == "inverse":
+      alpha = self.param("inv_alpha", nn.initializers.constant(self.inv_alpha), ())
+      lam = self.param("inv_lambda", nn.initializers.constant(self.inv_lambda), ())
+      k = ops.inverse_kernel(guide, 3, alpha.astype(self.dtype), lam.astype(self.dtype))
+    else:
+      raise ValueError(f"unknown PAC kernel type {self.kernel_type!r}; known: {sorted(ops.KERNELS)}")
+    return ops.pac_conv(x, k.astype(self.dtype), w.astype(self.dtype), b.astype(self.dtype),
+                        impl=self.impl)
+
+
+class HAB(nn.Module):
+  """Heatmap attention block (official HeatmapAttentionBlock35G2).
+
+  s = conv(x), h = conv(guide); f1 = LSAC(s, h); f2 = GSAC gate(h) * s;
+  out = x + conv(relu(conv(concat(f1, f2)))). `use_lsac`/`use_gsac` drop either path
+  (ablations); with both off the fusion sees s alone.
+  """
+  pac_kernel: str = "gaussian"
+  pac_impl: str = "einsum"
+  gsac_gate: str = "official"
+  use_lsac: bool = True
+  use_gsac: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, guide: jnp.ndarray) -> jnp.ndarray:
+    n, height, width, c = x.shape
+    s = conv3x3(c, "conv_sr", self.dtype)(x)
+    h = conv3x3(c, "conv_guide", self.dtype)(guide)
+    paths = []
+    if self.use_lsac:
+      paths.append(PacConv(c, self.pac_kernel, self.pac_impl, dtype=self.dtype, name="lsac")(s, h))
+    if self.use_gsac:
+      pooled = jnp.mean(h, axis=(1, 2), keepdims=True)                 # (N, 1, 1, C)
+      g = nn.sigmoid(conv3x3(c, "gsac", self.dtype)(pooled)).reshape(n, c)
+      paths.append(ops.gate_map(g, height, width, self.gsac_gate) * s)
+    f = jnp.concatenate(paths, axis=-1) if paths else s
+    f = nn.relu(conv3x3(c, "fuse", self.dtype)(f))
+    return x + conv3x3(c, "out", self.dtype)(f)

@@ -1,0 +1,26 @@
+"""Shared test set-up: the official-model fixtures and small helpers."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+FIXTURES = pathlib.Path(os.environ.get("SPADNET_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+def fixture_path(name: str) -> pathlib.Path:
+  """Path of an official fixture; skips (fails under CI=true) when it is absent."""
+  path = FIXTURES / f"{name}.npz"
+  if not path.is_file():
+    msg = (f"official fixture {path} is absent: set SPADNET_FIXTURES to the folder holding "
+           "the official-model .npz fixtures")
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)

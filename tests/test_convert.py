@@ -1,0 +1,133 @@
+"""Official state dict <-> Flax conversion, the Orbax checkpoint it writes, and its CLI."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spadnet_jax import checkpoint, convert, models
+from tests.conftest import REPO, fixture_path
+
+
+@pytest.fixture(scope="module")
+def official():
+  path = fixture_path("official_x4_small")
+  sd = convert.load_state_dict(path)
+  return path, sd, np.load(path)["input"].transpose(0, 2, 3, 1)[:1]
+
+
+def test_infers_configuration_from_keys(official):
+  _, sd, _ = official
+  assert convert.infer_model_fields(sd) == dict(
+      scale=4, n_feats=64, number=2, hab_num=1, reduction=16, pac_kernel="gaussian", use_lsac=True,
+      use_gsac=True, heatmap_branch=True)
+
+
+def test_round_trip_reproduces_state_dict(official):
+  _, sd, _ = official
+  model, variables = convert.from_official(sd)
+  back = convert.to_official(model, variables)
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_variant_round_trip_without_heatmap_branch():
+  model = models.SPADNet(scale=4, n_feats=8, number=2, reduction=4, heatmap_branch=False,
+                         pac_kernel="inverse")
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  sd = convert.to_official(model, variables)
+  assert "hab_branch2.0.pacconv1.inv_alpha" in sd and "Heatmap_out.weight" not in sd
+  model2, variables2 = convert.from_official(sd)
+  assert (model2.heatmap_branch, model2.pac_kernel, model2.n_feats) == (False, "inverse", 8)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, variables2)
+
+
+def test_missing_key_is_named(official):
+  _, sd, _ = official
+  sd = dict(sd)
+  del sd["hab_branch3.0.pacconv1.weight"]
+  with pytest.raises(KeyError, match=r"no key 'hab_branch3.0.pacconv1.weight'.*stage2_hab0/lsac/kernel"):
+    convert.from_official(sd)
+
+
+def test_misshaped_key_is_named(official):
+  _, sd, _ = official
+  sd = dict(sd)
+  sd["SR_branch2.1.body.2.weight"] = np.zeros((64, 32, 3, 3), np.float32)
+  with pytest.raises(ValueError, match=r"SR_branch2.1.body.2.weight has a shape"):
+    convert.from_official(sd)
+
+
+def test_unexpected_keys_are_reported(official, capsys):
+  _, sd, _ = official
+  sd = {**sd, "extra.weight": np.zeros(3)}
+  with pytest.raises(ValueError, match=r"1 keys this model does not use: \['extra.weight'\]"):
+    convert.from_official(sd)
+  convert.from_official(sd, strict=False)
+  assert "extra.weight" in capsys.readouterr().err
+
+
+def test_contradicting_field_is_an_error(official):
+  _, sd, _ = official
+  with pytest.raises(ValueError, match="scale=8 was requested but the state dict is for scale=4"):
+    convert.from_official(sd, scale=8)
+
+
+def test_orbax_checkpoint_round_trip(official, tmp_path):
+  _, sd, x = official
+  model, variables = convert.from_official(sd, gsac_gate="official")
+  checkpoint.save_inference_checkpoint(str(tmp_path / "ckpt"), model, variables)
+  loaded, restored, step = checkpoint.load_model(str(tmp_path / "ckpt"))
+  assert step == 0 and loaded == model
+  np.testing.assert_array_equal(loaded.apply(restored, x)[0], model.apply(variables, x)[0])
+  with pytest.raises(FileExistsError, match="already holds a checkpoint at step 0"):
+    checkpoint.save_inference_checkpoint(str(tmp_path / "ckpt"), model, variables)
+
+
+def test_checkpoint_of_other_configuration_names_parameter(official, tmp_path):
+  _, sd, _ = official
+  model, variables = convert.from_official(sd)
+  path = str(tmp_path / "ckpt")
+  checkpoint.save_inference_checkpoint(path, model, variables)
+  with pytest.raises(ValueError, match=r"\['head'\]\['bias'\] has shape \(64,\), the "
+                     r"model configuration needs \(32,\)"):
+    checkpoint.load_model(path, n_feats=32)
+
+
+def _cli(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "spadnet_jax.convert", *args], cwd=REPO,
+                        capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_npz_to_orbax_and_back(official, tmp_path):
+  path, sd, _ = official
+  out = tmp_path / "converted"
+  r = _cli(str(path), str(out))
+  assert r.returncode == 0, r.stderr
+  r = _cli("--to_official", str(out), str(tmp_path / "back.npz"))
+  assert r.returncode == 0, r.stderr
+  back = np.load(tmp_path / "back.npz")
+  assert set(back.files) == set(sd)
+  np.testing.assert_array_equal(back["head.1.weight"], sd["head.1.weight"])
+  r = _cli("--to_official", str(out), str(tmp_path / "back.npz"))
+  assert r.returncode != 0 and "already exists" in r.stderr
+
+
+def test_pth_needs_torch_or_reads_it(official, tmp_path):
+  _, sd, _ = official
+  torch = pytest.importorskip("torch", reason="torch is an optional extra for .pth files")
+  pth = tmp_path / "official.pth"
+  torch.save({f"module.{k}": torch.from_numpy(v) for k, v in sd.items()}, pth)
+  model, variables = convert.from_official(str(pth))
+  back = convert.to_official(model, variables)
+  np.testing.assert_array_equal(back["SR_out.weight"], sd["SR_out.weight"])
+
+
+def test_missing_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothing.pth does not exist"):
+    convert.from_official(str(tmp_path / "nothing.pth"))

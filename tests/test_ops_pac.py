@@ -1,0 +1,111 @@
+"""PAC (LSAC) kernels and convolution against NumPy loops, lax.conv and finite differences."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from spadnet_jax import ops
+
+jax.config.update("jax_enable_x64", False)
+
+
+def _pad(a):
+  return np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _kernel_loop(h, fn):
+  n, height, width, _ = h.shape
+  hp = _pad(h)
+  k = np.zeros((n, height, width, 9))
+  for b in range(n):
+    for y in range(height):
+      for x in range(width):
+        for dy in (-1, 0, 1):
+          for dx in (-1, 0, 1):
+            d2 = np.sum((hp[b, y + 1 + dy, x + 1 + dx] - h[b, y, x]) ** 2)
+            k[b, y, x, (dy + 1) * 3 + dx + 1] = fn(d2)
+  return k
+
+
+def _pac_loop(x, k, w, b):
+  n, height, width, _ = x.shape
+  xp = _pad(x)
+  out = np.zeros((n, height, width, w.shape[-1]))
+  for bb in range(n):
+    for y in range(height):
+      for xx in range(width):
+        acc = b.astype(np.float64).copy()
+        for dy in (-1, 0, 1):
+          for dx in (-1, 0, 1):
+            acc += k[bb, y, xx, (dy + 1) * 3 + dx + 1] * (xp[bb, y + 1 + dy, xx + 1 + dx] @ w[dy + 1, dx + 1])
+        out[bb, y, xx] = acc
+  return out
+
+
+@pytest.fixture
+def data(rng):
+  h = rng.standard_normal((2, 5, 6, 4)).astype(np.float32) * 0.5
+  x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
+  b = rng.standard_normal((2,)).astype(np.float32)
+  return h, x, w, b
+
+
+def test_gaussian_kernel_matches_loop(data):
+  h = data[0]
+  np.testing.assert_allclose(ops.gaussian_kernel(jnp.asarray(h)), _kernel_loop(h, lambda d: np.exp(-0.5 * d)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_inverse_kernel_matches_loop(data):
+  h = data[0]
+  ref = _kernel_loop(h, lambda d: 0.3 + (d + 1e-4) ** (-0.75))
+  np.testing.assert_allclose(ops.inverse_kernel(jnp.asarray(h), alpha=0.3, lam=-1.5), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", sorted(ops.PAC_IMPLS))
+def test_pac_conv_matches_loop(data, impl):
+  h, x, w, b = data
+  k = np.asarray(ops.gaussian_kernel(jnp.asarray(h)))
+  out = ops.pac_conv(jnp.asarray(x), jnp.asarray(k), jnp.asarray(w), jnp.asarray(b), impl=impl)
+  np.testing.assert_allclose(out, _pac_loop(x, k, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_pac_with_unit_kernel_is_plain_convolution(data):
+  _, x, w, b = data
+  k = jnp.ones(x.shape[:3] + (9,))
+  ref = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+  for impl in ops.PAC_IMPLS:
+    np.testing.assert_allclose(ops.pac_conv(x, k, w, b, impl=impl), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pac_impls_agree_at_model_width(rng):
+  x = jnp.asarray(rng.standard_normal((1, 16, 16, 64)).astype(np.float32))
+  h = jnp.asarray(rng.standard_normal((1, 16, 16, 64)).astype(np.float32) * 0.1)
+  w = jnp.asarray(rng.standard_normal((3, 3, 64, 64)).astype(np.float32) * 0.05)
+  k = ops.gaussian_kernel(h)
+  np.testing.assert_allclose(ops.pac_conv_shifted(x, k, w), ops.pac_conv_einsum(x, k, w), atol=2e-5)
+
+
+def test_pac_conv_rejects_unknown_impl(data):
+  _, x, w, b = data
+  with pytest.raises(ValueError, match="unknown PAC implementation 'pallas'"):
+    ops.pac_conv(x, jnp.ones(x.shape[:3] + (9,)), w, b, impl="pallas")
+
+
+@pytest.mark.parametrize("impl", sorted(ops.PAC_IMPLS))
+def test_pac_gradients(data, impl):
+  h, x, w, b = (jnp.asarray(a, jnp.float32) for a in data)
+  sl = (slice(None, 1), slice(0, 3), slice(0, 3))
+  h, x = h[sl], x[sl]
+  f = lambda x, h, w, b: ops.pac_conv(x, ops.gaussian_kernel(h), w, b, impl=impl)
+  check_grads(f, (x, h, w, b), order=1, modes=("rev",), atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+def test_inverse_kernel_gradients(data):
+  h = jnp.asarray(data[0][:1, :3, :3])
+  f = lambda h, a, lam: ops.inverse_kernel(h, alpha=a, lam=lam, eps=0.5)
+  check_grads(f, (h, jnp.float32(0.2), jnp.float32(-1.0)), order=1, modes=("rev",),
+              atol=5e-2, rtol=5e-2, eps=1e-2)

@@ -1,0 +1,34 @@
+"""Converted official weights reproduce the official PyTorch outputs (float32 round-off)."""
+import jax
+import numpy as np
+import pytest
+
+from spadnet_jax import convert
+from tests.conftest import fixture_path
+
+
+def _check(name, **fields):
+  path = fixture_path(name)
+  data = np.load(path)
+  model, variables = convert.from_official(path, **fields)
+  sr, hm = jax.jit(model.apply)(variables, data["input"].transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(sr).transpose(0, 3, 1, 2), data["sr"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(hm).transpose(0, 3, 1, 2), data["heatmap"], atol=1e-4, rtol=0)
+  return model
+
+
+@pytest.mark.parametrize("name,scale", [("official_x4_small", 4), ("official_x8_small", 8),
+                                        ("official_x16_small", 16)])
+def test_small_fixtures(name, scale):
+  model = _check(name)
+  assert (model.scale, model.number, model.num_habs) == (scale, 2, 1)
+
+
+def test_shifted_pac_keeps_parity():
+  _check("official_x8_small", pac_impl="shifted")
+
+
+@pytest.mark.slow
+def test_paper_size_x8():
+  model = _check("official_x8")
+  assert (model.scale, model.n_feats, model.number, model.num_habs) == (8, 64, 6, 5)
