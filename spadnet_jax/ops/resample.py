@@ -124,14 +124,15 @@ def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
 def resize(x, size: tuple[int, int], method: str, xp=jnp):
   """Resize the two spatial axes of (..., H, W, C) `x` to `size` with `method`.
 
-  `xp` is jax.numpy (default, traceable) or numpy (for the host-side data pipeline).
+  Two matrix products (rows, then columns). `xp` is jax.numpy (default, traceable) or
+  numpy (for the host-side data pipeline).
   """
-  h, w = x.shape[-3], x.shape[-2]
+  *lead, h, w, c = x.shape
   mh = resize_matrix(h, size[0], method)
   mw = resize_matrix(w, size[1], method)
   dtype = x.dtype if xp is jnp else np.float32
-  x = xp.einsum("oh,...hwc->...owc", mh.astype(dtype), x)
-  return xp.einsum("pw,...owc->...opc", mw.astype(dtype), x)
+  y = xp.matmul(mh.astype(dtype), x.reshape(*lead, h, w * c)).reshape(*lead, size[0], w, c)
+  return xp.matmul(mw.astype(dtype), y)
 
 
 def bicubic_upsample(x: jnp.ndarray, factor: int) -> jnp.ndarray:
