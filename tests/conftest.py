@@ -24,3 +24,17 @@ def fixture_path(name: str) -> pathlib.Path:
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+def pytest_sessionstart(session):
+  """Share compiled executables between tests and their subprocesses (tiny models
+  recompile identically many times); the cache lives in a temporary folder."""
+  import tempfile
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                os.path.join(tempfile.gettempdir(), "spadnet_test_jax_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  import jax
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -46,6 +46,9 @@ def load_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if cfg.name == "celeb_a":
     return builder            # never prepared here: it needs a manual download
   manual_dir = cfg.get("manual_dir") or None
+  if cfg.name.startswith("face_folder") and not manual_dir and not builder.is_prepared():
+    raise ValueError(f"config.data.manual_dir must point at the prepared {cfg.name} folders "
+                     "(see 'Data' in README) the first time the data set is built")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 

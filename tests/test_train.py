@@ -1,0 +1,165 @@
+"""Training: the whole loop on a tiny config, resumption, sharding, failures and preemption."""
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from spadnet_jax import checkpoint, trainer
+from tests import train_helpers
+from tests.train_helpers import losses, run_train, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds"))
+  tfds.builder("synthetic_faces/tiny", data_dir=d, file_format="array_record").download_and_prepare()
+  return d
+
+
+def _params(workdir, step=None):
+  _, variables, step = checkpoint.load_model(os.path.join(workdir, "checkpoints"), step)
+  return variables, step
+
+
+def test_train_writes_metrics_and_checkpoints(tmp_path, data_dir, capsys):
+  cfg = tiny_config(data_dir, eval_every=2)
+  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "steps/s" in out and "ETA" in out and "| PSNR (Y) |" in out
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  for key in ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y", "nme", "images_per_s"):
+    assert np.isfinite(metrics[key]), key
+  assert metrics["num_images"] == 20 and summary["step"] == 4
+  steps = ocp.utils.checkpoint_steps(str(tmp_path / "checkpoints"))
+  assert sorted(steps) == [2, 4]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+  variables, step = _params(str(tmp_path))
+  assert step == 4 and np.isfinite(np.asarray(variables["params"]["head"]["kernel"])).all()
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, data_dir):
+  full = tiny_config(data_dir, num_train_steps=6, checkpoint_every=3)
+  trainer.train_and_evaluate(full, str(tmp_path / "a"))
+  trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, checkpoint_every=3),
+                             str(tmp_path / "b"))
+  trainer.train_and_evaluate(full, str(tmp_path / "b"))            # resumes at step 3
+  (a, _), (b, step) = _params(str(tmp_path / "a")), _params(str(tmp_path / "b"))
+  assert step == 6
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_options_bf16_clip_remat_ema(tmp_path, data_dir):
+  cfg = tiny_config(data_dir, **{"model.dtype": "bfloat16", "model.remat": True,
+                                 "optimizer.grad_clip": 0.5, "optimizer.ema_decay": 0.5})
+  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert np.isfinite(summary["psnr_y"])
+  mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_handlers={
+      "params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler()})
+  r = mngr.restore(4, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                              train=ocp.args.StandardRestore()))
+  ema, raw = r["params"]["params"]["head"]["kernel"], r["train"]["params"]["head"]["kernel"]
+  assert ema.dtype == np.float32 and not np.array_equal(ema, raw)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path))
+  good, _ = _params(str(tmp_path))
+  cfg = tiny_config(data_dir, heatmap_loss_weight=float("nan"), num_train_steps=4)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 2 .*Last good "
+                     r"checkpoint: 2"):
+    trainer.train_and_evaluate(cfg, str(tmp_path))
+  after, step = _params(str(tmp_path))
+  assert step == 2
+  jax.tree_util.tree_map(np.testing.assert_array_equal, good, after)
+
+
+def test_nonfinite_skip_policy_counts(tmp_path, data_dir):
+  cfg = tiny_config(data_dir, heatmap_loss_weight=float("nan"), nonfinite="skip")
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"),
+                               item_handlers={"train": ocp.StandardCheckpointHandler()})
+  train = mngr.restore(4, args=ocp.args.Composite(train=ocp.args.StandardRestore()))["train"]
+  assert int(train["nonfinite"]) == 4 and int(train["first_nonfinite"]) == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.scale": 3}, r"config.model.scale must be one of \(4, 8, 16\), got 3"),
+    ({"eval_batch_size": 0}, r"config.eval_batch_size=0 must be a positive multiple"),
+    ({"data.name": "no_such_faces"}, r"config.data.name='no_such_faces' is not a known data set"),
+    ({"data.name": "face_folder/helen"}, r"config.data.manual_dir must point at"),
+    ({"model.gsac_gate": "pixel"}, r"config.model: SPADNet.gsac_gate must be"),
+    ({"nonfinite": "ignore"}, r"config.nonfinite must be 'stop' or 'skip'"),
+])
+def test_invalid_config_fails_before_compiling(tmp_path, data_dir, override, message, monkeypatch):
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before validating"))
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(tiny_config(data_dir, **override), str(tmp_path))
+
+
+def test_batch_not_divisible_by_devices_is_named(data_dir, monkeypatch):
+  with pytest.raises(ValueError, match=r"config.batch_size=6 must be a positive multiple of the 4"):
+    trainer.validate_config(tiny_config(data_dir, batch_size=6), 4)
+
+
+def test_eight_devices_match_one_and_restore_onto_one(tmp_path, data_dir):
+  one = run_train(str(tmp_path / "one"), data_dir, "--config.num_train_steps=4")
+  eight = run_train(str(tmp_path / "eight"), data_dir, "--config.num_train_steps=2", devices=8)
+  assert one.returncode == 0, one.stdout + one.stderr
+  assert eight.returncode == 0, eight.stdout + eight.stderr
+  assert "on 8 device(s)" in eight.stdout
+  l1, l8 = losses(one.stdout), losses(eight.stdout)
+  assert set(l8) == {1, 2}
+  for s in l8:
+    assert l8[s] == pytest.approx(l1[s], rel=2e-3, abs=2e-4)
+  # Restore the 8-device checkpoint on 1 device and finish; it ends where the 1-device run did.
+  resumed = run_train(str(tmp_path / "eight"), data_dir, "--config.num_train_steps=4")
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert "resumed from step 2" in resumed.stdout
+  l_resumed = losses(resumed.stdout)
+  for s in (3, 4):
+    assert l_resumed[s] == pytest.approx(l1[s], rel=2e-3, abs=2e-4)
+
+
+def test_fsdp_shards_parameters(tmp_path, data_dir):
+  r = run_train(str(tmp_path), data_dir, "--config.num_train_steps=2", "--config.fsdp=4",
+                "--config.model.n_feats=8", devices=8)
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert "mesh {'data': 2, 'fsdp': 4}" in r.stdout
+
+
+def test_two_processes_train_and_write_one_checkpoint(tmp_path, data_dir):
+  import portpicker
+  port = portpicker.pick_unused_port()
+  procs = [run_train(str(tmp_path), data_dir, "--config.num_train_steps=2",
+                     f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}", devices=2, popen=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  assert "on 4 device(s)" in outs[0]
+  assert losses(outs[0]) == losses(outs[1]) and len(losses(outs[0])) == 2
+  variables, step = _params(str(tmp_path))
+  assert step == 2 and np.isfinite(np.asarray(variables["params"]["sr_out"]["kernel"])).all()
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_dir):
+  p = run_train(str(tmp_path), data_dir, "--config.num_train_steps=100000",
+                "--config.checkpoint_every=100000", popen=True)
+  lines = []
+  deadline = time.time() + 300
+  for line in p.stdout:
+    lines.append(line)
+    if line.startswith("step 2/") or time.time() > deadline:
+      break
+  p.send_signal(signal.SIGTERM)
+  out = "".join(lines) + p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out
+  assert "preempted: saved a checkpoint at step" in out
+  _, step = _params(str(tmp_path))
+  assert step >= 2
