@@ -6,7 +6,7 @@ the same command again resumes from the latest checkpoint there.
 from absl import app, flags
 from ml_collections import config_flags
 
-from spadnet_jax import distributed
+from spadnet_jax import distributed, platform
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.",
@@ -18,6 +18,7 @@ distributed.define_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  platform.configure_xla_cpu()
   distributed.initialize_from_flags()
   from spadnet_jax import trainer  # after jax.distributed.initialize
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -47,7 +47,7 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str) -> 
   model = models.SPADNet(scale=8, pac_impl=pac_impl, dtype=_DTYPES[dtype])
   x = jax.random.uniform(jax.random.key(0), (batch, 128, 128, 3))
   hm = jax.random.uniform(jax.random.key(1), (batch, 128, 128, 5))
-  params = jax.jit(model.init)(jax.random.key(2), x[:1])["params"]
+  params = jax.jit(model.init)(jax.random.key(2), model.example_input())["params"]
   if kind == "train":
     tx = optax.adam(1e-4, b1=0.9, b2=0.99, eps=1e-8)
 
@@ -67,6 +67,8 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str) -> 
   t = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t
+  from spadnet_jax import platform
+  platform.release_host_memory()     # as train.py does after compiling
   if kind == "train":
     state = compiled(*args)
     jax.block_until_ready(state)
@@ -146,6 +148,8 @@ def main() -> None:
   p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child is not None:
+    from spadnet_jax import platform
+    platform.configure_xla_cpu()
     kind, batch, iters, dtype, impl = args.child
     recs = (case_pac(int(iters)) if kind == "pac" else
             case_model(kind, int(batch), int(iters), dtype, impl))

@@ -95,7 +95,13 @@ def read_model_config(path: str, step: int | None = None) -> tuple[dict[str, Any
   """The JSON model configuration stored with a checkpoint, and its step."""
   directory, step = _manager_and_step(path, step)
   with _reader(directory) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise ValueError(f"checkpoint {directory}/{step}/model (the model configuration) is "
+                       f"corrupt or unreadable: {e}") from e
+  if not isinstance(restored["model"], dict):
+    raise ValueError(f"checkpoint {directory}/{step}/model holds no model configuration")
   return dict(restored["model"]), step
 
 
@@ -120,16 +126,25 @@ def load_model(path: str, step: int | None = None,
   else:
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  where = os.path.join(directory, str(step), "params")
   with _reader(directory) as mngr:
-    meta = mngr.item_metadata(step)["params"]
-    check_tree_matches(abstract, meta, f"{directory}/{step}/params")
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    try:
+      meta = mngr.item_metadata(step)["params"]
+    except Exception as e:
+      raise ValueError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
+    if meta is None:
+      raise ValueError(f"checkpoint {where} is corrupt or unreadable: no parameter metadata")
+    check_tree_matches(abstract, meta, where)
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    except Exception as e:
+      raise ValueError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
   return model, restored["params"], step
 
 
-def abstract_variables(model: SPADNet, image_size: int = 128) -> Any:
+def abstract_variables(model: SPADNet) -> Any:
   """Shapes and dtypes of the model's variables, computed without allocating them."""
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+  return jax.eval_shape(model.init, jax.random.key(0), model.example_input())
 
 
 def check_tree_matches(expected: Any, found: Any, where: str) -> None:

@@ -161,7 +161,7 @@ def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = Tr
                        f"{name}={inferred[name]!r}")
   model = SPADNet(**{**inferred, **model_fields})
   model.check()
-  abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 128, 128, 3), np.float32))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), model.example_input())
   flat = traverse_util.flatten_dict(abstract["params"])
   params, used = {}, set()
   for path, leaf in flat.items():

@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from spadnet_jax import checkpoint, evaluation, sharding, visualize
+from spadnet_jax import checkpoint, evaluation, platform, sharding, visualize
 from spadnet_jax.data import pipeline
 from spadnet_jax.models import SCALES, SPADNet
 
@@ -85,7 +85,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
 
 def init_state(model: SPADNet, tx: optax.GradientTransformation, rng: jax.Array,
                ema: bool) -> TrainState:
-  params = model.init(rng, jnp.zeros((1, 128, 128, 3), jnp.float32))["params"]
+  params = model.init(rng, model.example_input())["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params if ema else None, nonfinite=jnp.zeros((), jnp.int32),
                     first_nonfinite=jnp.full((), -1, jnp.int32))
@@ -242,10 +242,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     state = jax.jit(functools.partial(init_state, model, tx, ema=cfg.optimizer.ema_decay > 0),
                     out_shardings=state_shardings)(rng)
 
+  batch_spec = {k: jax.ShapeDtypeStruct((cfg.batch_size, 128, 128, c), jnp.float32,
+                                        sharding=sharding.batch_sharding(mesh))
+                for k, c in (("hr", 3), ("lr_up", 3), ("heatmap", 5))}
+  batch_spec["lr"] = jax.ShapeDtypeStruct((cfg.batch_size, 128 // model.scale, 128 // model.scale, 3),
+                                          jnp.float32, sharding=sharding.batch_sharding(mesh))
+  compile_start = time.perf_counter()
   train_step = jax.jit(
       make_train_step(model, tx, schedule, cfg.heatmap_loss_weight, cfg.optimizer.ema_decay),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0).lower(abstract, batch_spec).compile()
+  platform.release_host_memory()
+  print(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s", flush=True)
   params_sharding = {"params": state_shardings.ema_params if state_shardings.ema_params is not None
                      else state_shardings.params}
   evaluator = evaluation.Evaluator(model, cfg.data, cfg.data.eval_split, mesh, cfg.eval_batch_size,

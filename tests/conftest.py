@@ -7,6 +7,10 @@ import pathlib
 import numpy as np
 import pytest
 
+from spadnet_jax import platform
+
+platform.configure_xla_cpu()   # before any test starts a JAX backend
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = pathlib.Path(os.environ.get("SPADNET_FIXTURES", REPO.parent / "shared" / "fixtures"))
 

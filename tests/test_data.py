@@ -1,5 +1,7 @@
 """Data: LR kernels, heatmaps, augmentation, tfds builders, bad input and the grain pipeline."""
 import pickle
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -10,6 +12,7 @@ from PIL import Image
 
 from spadnet_jax.data import builders, degrade, landmarks as lmk, pipeline, synthetic
 from spadnet_jax.ops import resample
+from tests.conftest import REPO
 
 
 def _cfg(**kw):
@@ -123,7 +126,6 @@ def test_synthetic_faces_are_deterministic_and_landmarks_inside():
 
 
 def test_synthetic_builder_registered_and_read_without_tf(tfds_dir):
-  import sys
   builder = tfds.builder("synthetic_faces/tiny", data_dir=tfds_dir, file_format="array_record")
   builder.download_and_prepare()
   src = builder.as_data_source("test")
@@ -136,7 +138,13 @@ def test_synthetic_builder_registered_and_read_without_tf(tfds_dir):
   img, pts = synthetic.draw_face(seed)
   np.testing.assert_array_equal(ex["hr"], img)
   np.testing.assert_allclose(ex["landmarks"], pts)
-  assert "tensorflow" not in sys.modules
+  # A fresh interpreter reads the data set without loading TensorFlow.
+  code = ("import sys, tensorflow_datasets as tfds, spadnet_jax.data; "
+          f"b = tfds.builder('synthetic_faces/tiny', data_dir={tfds_dir!r}, file_format='array_record'); "
+          "b.download_and_prepare(); x = b.as_data_source('train')[0]; "
+          "assert x['hr'].shape == (128, 128, 3); assert 'tensorflow' not in sys.modules, 'TF loaded'")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-2000:]
 
 
 # --- pipeline -----------------------------------------------------------------------------

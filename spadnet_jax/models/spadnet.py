@@ -51,6 +51,10 @@ class SPADNet(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
 
+  def example_input(self, batch: int = 1) -> jnp.ndarray:
+    """The smallest input with every parameter's shape: init without a full-size pass."""
+    return jnp.zeros((batch, self.scale, self.scale, 3), jnp.float32)
+
   @property
   def num_stages(self) -> int:
     return int(math.log2(self.scale))
