@@ -1,6 +1,62 @@
-"""eval.py: not implemented yet (see the project's open issues)."""
-import sys
+"""Evaluate a checkpoint: python eval.py --workdir W | --checkpoint PATH [--config.FIELD=V].
+
+Reads the latest checkpoint of W (or PATH: a training checkpoint folder, one step, or a
+converter output), evaluates the configured test split and writes W/eval/<step>/:
+metrics.json, per_image.csv, sr/*.png and grids/*.png. The data configuration comes from
+--config, else W/config.json (written by train.py), else configs/default.py.
+"""
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from spadnet_jax import distributed, platform
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Configuration file (its data and eval fields).",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Training workdir: checkpoints/ inside, results to eval/.")
+flags.DEFINE_string("checkpoint", None, "A checkpoint folder instead of --workdir's latest.")
+flags.DEFINE_integer("step", None, "Evaluate this step instead of the latest.")
+flags.DEFINE_string("split", None, "Data split (default: config.data.eval_split).")
+flags.DEFINE_enum("score", None, ["float", "png"], "Score the float output (official) or the "
+                  "8-bit PNG (default: config.metric_score).")
+flags.DEFINE_integer("batch_size", None, "Global eval batch (default: config.eval_batch_size).")
+flags.DEFINE_integer("num_images", -1, "Evaluate only the first N images (-1: all).")
+flags.DEFINE_integer("num_grids", 8, "Comparison grids to write.")
+flags.DEFINE_bool("save_images", True, "Write the SR PNGs.")
+distributed.define_flags()
+
+
+def _config():
+  import ml_collections
+  from configs import default
+  if FLAGS.config is not None:
+    return FLAGS.config
+  if FLAGS.workdir and os.path.isfile(os.path.join(FLAGS.workdir, "config.json")):
+    with open(os.path.join(FLAGS.workdir, "config.json")) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  return default.get_config()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir and not FLAGS.checkpoint:
+    raise app.UsageError("give --workdir or --checkpoint")
+  platform.configure_xla_cpu()
+  distributed.initialize_from_flags()
+  from spadnet_jax import evaluate_lib  # after jax.distributed.initialize
+  cfg = _config()
+  source = FLAGS.checkpoint or os.path.join(FLAGS.workdir, "checkpoints")
+  summary = evaluate_lib.run(
+      cfg, source, step=FLAGS.step, out_root=FLAGS.workdir or source,
+      split=FLAGS.split or cfg.data.eval_split, score=FLAGS.score or cfg.get("metric_score", "float"),
+      batch_size=FLAGS.batch_size or cfg.eval_batch_size, num_images=FLAGS.num_images,
+      num_grids=FLAGS.num_grids, save_images=FLAGS.save_images)
+  return 0 if summary else 1
+
 
 if __name__ == "__main__":
-  sys.exit("eval.py is not implemented yet: this release provides the model, ops and the "
-           "official-weight converter (python -m spadnet_jax.convert).")
+  app.run(main)

@@ -1,0 +1,116 @@
+"""Super-resolve face images with a checkpoint.
+
+    python -m spadnet_jax.predict --checkpoint C --input DIR_OR_FILE --output DIR
+
+LR images of the model's input size (128/scale, e.g. 16x16 at x8) are used as they are;
+larger square images are first reduced to that size with Pillow's bicubic (and the output
+says so); non-square images are rejected, never distorted. Each LR image is resized to
+128x128 with the same kernel (the network input) and the SR result is written as PNG.
+Batches are padded to one fixed shape, so the model compiles once. Unreadable files are
+reported by name, the rest still processed, and the exit status is then non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+
+from spadnet_jax import checkpoint, visualize
+from spadnet_jax.data import degrade
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_inputs(path: str) -> list[str]:
+  if os.path.isdir(path):
+    return sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(EXTENSIONS))
+  if os.path.isfile(path):
+    return [path]
+  raise FileNotFoundError(f"input {path} does not exist")
+
+
+def load_lr(path: str, lr_size: int) -> tuple[np.ndarray, str | None]:
+  """(lr_size, lr_size, 3) float image and a note when it had to be reduced.
+
+  Raises ValueError naming the file for unreadable or non-square images.
+  """
+  try:
+    with Image.open(path) as im:
+      im.load()
+      img = im.convert("RGB")
+  except Exception as e:
+    raise ValueError(f"{path}: unreadable image ({e})") from e
+  w, h = img.size
+  if w != h:
+    raise ValueError(f"{path}: image is {w}x{h}; only square faces are accepted (crop it first)")
+  note = None
+  if w < lr_size:
+    raise ValueError(f"{path}: image is {w}x{h}, smaller than the model's {lr_size}x{lr_size} input")
+  arr = np.asarray(img, np.float32) / 255.0
+  if w > lr_size:
+    arr = np.clip(degrade.resize(arr, lr_size, "pil"), 0, 1)
+    note = f"reduced from {w}x{h} to {lr_size}x{lr_size} (bicubic) before super-resolution"
+  return arr, note
+
+
+def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8) -> int:
+  """Super-resolve every image under `inputs`; returns the number of failed files."""
+  model, variables, step = checkpoint.load_model(checkpoint_path)
+  lr_size = 128 // model.scale
+  apply = jax.jit(lambda v, x: model.apply(v, x)[0])
+  files, failures = list_inputs(inputs), 0
+  os.makedirs(output, exist_ok=True)
+  pending: list[tuple[str, np.ndarray]] = []
+
+  def flush():
+    if not pending:
+      return
+    x = np.stack([degrade.resize(lr, 128, "pil") for _, lr in pending])
+    x = np.clip(x, 0, 1)
+    pad = batch_size - len(x)
+    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+    sr = np.asarray(apply(variables, x))
+    for (path, _), img in zip(pending, sr):
+      out = os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".png")
+      visualize.save_png(out, img)
+      print(f"{path} -> {out}")
+    pending.clear()
+
+  print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}, input {lr_size}x{lr_size}")
+  for path in files:
+    try:
+      lr, note = load_lr(path, lr_size)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      failures += 1
+      continue
+    if note:
+      print(f"{path}: {note}")
+    pending.append((path, lr))
+    if len(pending) == batch_size:
+      flush()
+  flush()
+  if failures:
+    print(f"{failures} of {len(files)} files failed", file=sys.stderr)
+  return failures
+
+
+def main(argv: list[str]) -> int:
+  from spadnet_jax import platform  # pylint: disable=import-outside-toplevel
+  platform.configure_xla_cpu()
+  p = argparse.ArgumentParser(prog="python -m spadnet_jax.predict", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--input", required=True, help="an image file or a folder of images")
+  p.add_argument("--output", required=True, help="folder for the SR PNGs")
+  p.add_argument("--batch_size", type=int, default=8)
+  a = p.parse_args(argv)
+  return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
