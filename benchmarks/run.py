@@ -143,7 +143,7 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="fewer timed iterations")
   p.add_argument("--json", default=None, help="also write the records to this file")
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--pac_impl", default="shifted")
+  p.add_argument("--pac_impl", default="fused")
   p.add_argument("--batches", type=int, nargs="+", default=None)
   p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()

@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from spadnet_jax import checkpoint, evaluation, platform, sharding, visualize
+from spadnet_jax import checkpoint, evaluate_lib, evaluation, platform, sharding, visualize
 from spadnet_jax.data import pipeline
 from spadnet_jax.models import SCALES, SPADNet
 
@@ -163,7 +163,7 @@ def checkpoint_manager(directory: str, cfg: ml_collections.ConfigDict) -> ocp.Ch
   """Keep the last `keep_checkpoints` plus the best by validation PSNR (Y)."""
   policy = ocm.AnyPreservationPolicy([
       ocm.LatestN(n=cfg.keep_checkpoints),
-      ocm.BestN(get_metric_fn=lambda m: m["psnr_y"], reverse=True, n=1,
+      ocm.BestN(get_metric_fn=lambda m: m["psnr_y"], reverse=False, n=1,   # highest wins
                 keep_checkpoints_without_metrics=False)])
   return ocp.CheckpointManager(
       directory,
@@ -324,7 +324,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   mngr.close()
 
   result = evaluator({"params": inference_params(state)}, limit=-1)
-  protocol = f"Y (BT.601) and RGB, crop 8, SSIM 11x11 sigma 1.5, scoring the {cfg.metric_score} output"
+  protocol = evaluate_lib.protocol(cfg.metric_score)
   extra = {"step": step, "protocol": protocol, "split": cfg.data.eval_split, "data": cfg.data.name}
   if is_main:
     path = evaluation.write_metrics(workdir, result, extra)

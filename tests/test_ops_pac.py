@@ -109,3 +109,15 @@ def test_inverse_kernel_gradients(data):
   f = lambda h, a, lam: ops.inverse_kernel(h, alpha=a, lam=lam, eps=0.5)
   check_grads(f, (h, jnp.float32(0.2), jnp.float32(-1.0)), order=1, modes=("rev",),
               atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+def test_custom_gradients_match_autodiff_of_the_reference(data):
+  h, x, w, b = (jnp.asarray(a) for a in data)
+  ref_kernel = lambda h: jnp.exp(-0.5 * ops.squared_distances(h))
+  f_ref = lambda x, h, w, b: jnp.sum(jnp.sin(ops.pac_conv_einsum(x, ref_kernel(h), w, b)))
+  f_new = lambda x, h, w, b: jnp.sum(jnp.sin(ops.pac_conv_fused(x, ops.gaussian_kernel(h), w, b)))
+  for a, r in zip(jax.grad(f_new, argnums=(0, 1, 2, 3))(x, h, w, b),
+                  jax.grad(f_ref, argnums=(0, 1, 2, 3))(x, h, w, b)):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
+  g_nobias = jax.grad(lambda x: jnp.sum(ops.pac_conv_fused(x, ref_kernel(h), w) ** 2))(x)
+  assert g_nobias.shape == x.shape

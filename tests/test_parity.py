@@ -24,8 +24,9 @@ def test_small_fixtures(name, scale):
   assert (model.scale, model.number, model.num_habs) == (scale, 2, 1)
 
 
-def test_shifted_pac_keeps_parity():
-  _check("official_x8_small", pac_impl="shifted")
+@pytest.mark.parametrize("impl", ["einsum", "shifted"])
+def test_every_pac_formulation_keeps_parity(impl):
+  assert _check("official_x8_small", pac_impl=impl).pac_impl == impl
 
 
 @pytest.mark.slow

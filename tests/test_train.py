@@ -163,3 +163,14 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_dir):
   assert "preempted: saved a checkpoint at step" in out
   _, step = _params(str(tmp_path))
   assert step >= 2
+
+
+def test_keeps_last_checkpoints_plus_the_best_by_psnr(tmp_path):
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(keep_checkpoints=2, async_checkpoints=False))
+  mngr = trainer.checkpoint_manager(str(tmp_path), cfg)
+  for step, psnr in [(1, 10.0), (2, 30.0), (3, 20.0), (4, None), (5, None)]:
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave({"a": np.ones(2)})),
+              metrics=None if psnr is None else {"psnr_y": psnr}, force=True)
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [2, 4, 5]

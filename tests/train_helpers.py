@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 def tiny_config(data_dir: str, **overrides):
   c = default.get_config()
-  c.model.update(n_feats=4, number=2, reduction=2, pac_impl="shifted")
+  c.model.update(n_feats=4, number=2, reduction=2, pac_impl="fused")
   c.data.update(name="synthetic_faces/tiny", data_dir=data_dir, num_threads=1, prefetch=2,
                 augment_flip=True)
   c.update(batch_size=8, num_train_steps=4, log_every=1, eval_every=1000, checkpoint_every=2,

@@ -5,7 +5,7 @@ NHWC): LR synthesis, heatmaps and augmentation run on the host in NumPy.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import jax
@@ -142,7 +142,3 @@ def eval_dataset(cfg: ml_collections.ConfigDict, scale: int, split: str,
                                      cfg.lr_kernel, groups))
   return ds.batch(local_batch, drop_remainder=False), count
 
-
-def iterate(ds: grain.MapDataset | grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
-  """Plain iteration helper for loops that do not checkpoint the iterator."""
-  yield from ds
