@@ -5,8 +5,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import numpy as np  # pylint: disable=wrong-import-position
 from PIL import Image, ImageDraw
 
 from spadnet_jax.data import pipeline, synthetic
