@@ -42,7 +42,7 @@ def main() -> None:
   for kernel in ("pil", "matlab"):
     for threads in args.threads:
       rows.append((kernel, threads, measure(args.batch, args.batches, threads, args.data_dir, 8, kernel)))
-  print(f"\n| LR kernel | threads | batch | examples/s (target >= 200) |\n|---|---|---|---|")
+  print("\n| LR kernel | threads | batch | examples/s (target >= 200) |\n|---|---|---|---|")
   for kernel, threads, rate in rows:
     print(f"| {kernel} | {threads} | {args.batch} | {rate:.0f} |")
 

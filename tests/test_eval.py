@@ -5,13 +5,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from spadnet_jax import checkpoint, convert, evaluation, predict, sharding, trainer
+from spadnet_jax import checkpoint, convert, evaluation, sharding, trainer
 from tests.conftest import REPO, fixture_path
 from tests.train_helpers import tiny_config
 
@@ -79,7 +78,7 @@ def test_eval_of_converted_official_checkpoint(trained, tmp_path):
   model, variables = convert.from_official(fixture_path("official_x4_small"))
   ckpt = str(tmp_path / "official")
   checkpoint.save_inference_checkpoint(ckpt, model, variables)
-  r = _eval(f"--checkpoint={ckpt}", f"--config=tests/tiny_config.py",
+  r = _eval(f"--checkpoint={ckpt}", "--config=tests/tiny_config.py",
             f"--config.data.data_dir={data_dir}", "--num_images=8", "--save_images=false")
   assert r.returncode == 0, r.stdout + r.stderr
   m = json.load(open(os.path.join(ckpt, "eval", "0", "metrics.json")))

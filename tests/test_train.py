@@ -11,7 +11,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from spadnet_jax import checkpoint, trainer
-from tests import train_helpers
 from tests.train_helpers import losses, run_train, tiny_config
 
 
@@ -102,7 +101,7 @@ def test_invalid_config_fails_before_compiling(tmp_path, data_dir, override, mes
     trainer.train_and_evaluate(tiny_config(data_dir, **override), str(tmp_path))
 
 
-def test_batch_not_divisible_by_devices_is_named(data_dir, monkeypatch):
+def test_batch_not_divisible_by_devices_is_named(data_dir):
   with pytest.raises(ValueError, match=r"config.batch_size=6 must be a positive multiple of the 4"):
     trainer.validate_config(tiny_config(data_dir, batch_size=6), 4)
 

@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from spadnet_jax.data import builders, degrade, landmarks as lmk
+from spadnet_jax.data import builders  # noqa: F401  (registers the tfds builders)
+from spadnet_jax.data import degrade, landmarks as lmk
 
 # tfds celeb_a: 178x218 aligned faces; the centred 178x178 square is resized to 128x128.
 CELEBA_CROP = (0, 20, 178, 198)
