@@ -12,10 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # pylint: disable=wrong-import-position
 from PIL import Image, ImageDraw
 
-from spadnet_jax.data import pipeline, synthetic
+from spadnet_jax import visualize  # pylint: disable=wrong-import-position
+from spadnet_jax.data import pipeline, synthetic  # pylint: disable=wrong-import-position
 
-GROUP_COLOURS = np.array([[255, 60, 60], [60, 120, 255], [60, 220, 60], [255, 200, 0],
-                          [220, 80, 255]], np.float32)
 
 
 def panel(seed: int) -> np.ndarray:
@@ -26,7 +25,7 @@ def panel(seed: int) -> np.ndarray:
   d = ImageDraw.Draw(marked)
   for x, y in pts:
     d.point((float(x), float(y)), fill=(0, 255, 0))
-  heat = np.clip(ex["heatmap"] @ GROUP_COLOURS, 0, 255)
+  heat = np.clip(ex["heatmap"] @ visualize.GROUP_COLOURS * 255, 0, 255)
   return np.concatenate([np.asarray(marked), (ex["lr_up"] * 255).astype(np.uint8),
                          heat.astype(np.uint8)], axis=1)
 

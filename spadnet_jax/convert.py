@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from spadnet_jax import files
 from spadnet_jax.models import SPADNet
 
 _RCAB = {"conv1": "body.0", "conv2": "body.2", "attention/reduce": "body.3.conv_du.0",
@@ -191,13 +192,9 @@ def save_official_npz(path: str, model: SPADNet, variables: Mapping[str, Any]) -
   """Write `to_official` output as an .npz, atomically, refusing to overwrite."""
   if os.path.exists(path):
     raise FileExistsError(f"{path} already exists; choose another output path")
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  try:
-    np.savez(tmp, **to_official(model, variables))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with files.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **to_official(model, variables))
 
 
 def main(argv: list[str]) -> int:

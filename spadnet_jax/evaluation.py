@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spadnet_jax import metrics, sharding
+from spadnet_jax import files, metrics, sharding
 from spadnet_jax.data import pipeline
 from spadnet_jax.models import SPADNet
 
@@ -135,17 +135,14 @@ def write_metrics(directory: str, result: dict[str, Any], extra: dict[str, Any] 
   os.makedirs(directory, exist_ok=True)
   summary = {**result["summary"], **(extra or {})}
   path = os.path.join(directory, "metrics.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  tmp = os.path.join(directory, "per_image.csv.tmp")
-  with open(tmp, "w", newline="") as f:
+  with files.atomic_path(os.path.join(directory, "per_image.csv")) as tmp, \
+       open(tmp, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["filename", *PER_IMAGE_KEYS])
     for i, name in enumerate(result["names"]):
       w.writerow([name, *(f"{result['per_image'][k][i]:.6f}" for k in PER_IMAGE_KEYS)])
-  os.replace(tmp, os.path.join(directory, "per_image.csv"))
   return path
 
 

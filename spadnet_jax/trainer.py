@@ -21,7 +21,8 @@ from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from spadnet_jax import checkpoint, evaluate_lib, evaluation, platform, sharding, visualize
+from spadnet_jax import (checkpoint, evaluate_lib, evaluation, files, platform, sharding,
+                         visualize)
 from spadnet_jax.data import pipeline
 from spadnet_jax.models import SCALES, SPADNet
 
@@ -208,11 +209,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   builder = pipeline.load_builder(cfg.data)          # fails early on a missing data set
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
+    with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
   train_size = builder.info.splits[cfg.data.train_split].num_examples
   steps_per_epoch = max(train_size // cfg.batch_size, 1)
   num_steps = cfg.num_train_steps if cfg.num_train_steps > 0 else int(cfg.num_epochs * steps_per_epoch)

@@ -1,10 +1,10 @@
 """Pictures for people: comparison grids, heatmap overlays and atomic PNG writing."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from spadnet_jax import files
 
 GROUP_COLOURS = np.array([[1, .2, .2], [.2, .4, 1], [.2, .9, .2], [1, .8, 0], [.9, .3, 1]],
                          np.float32)
@@ -42,8 +42,6 @@ def image_grid(images: dict[str, np.ndarray]) -> np.ndarray:
 
 def save_png(path: str, image: np.ndarray) -> None:
   """Write a [0, 1] float or uint8 image as PNG via a temporary file (never half-written)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   data = image if image.dtype == np.uint8 else to_uint8(image)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  Image.fromarray(data).save(tmp)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    Image.fromarray(data).save(tmp, format="PNG")
