@@ -77,7 +77,7 @@ class Evaluator:
     self.batch_size = batch_size
     self.local_batch = pipeline.local_batch_size(batch_size)
     self.dataset, self.count = pipeline.eval_dataset(data_cfg, model.scale, split, self.local_batch)
-    self.limit_batches = -1 if limit < 0 else -(-limit // batch_size)
+    self.limit = limit
     rep = sharding.replicated(mesh)
     self.step = jax.jit(make_eval_step(model, crop, score),
                         in_shardings=(variables_sharding or rep, sharding.batch_sharding(mesh)),
@@ -97,10 +97,9 @@ class Evaluator:
     n_batches = len(self.dataset)
     if jax.process_count() > 1:   # every process must run the same number of steps
       n_batches = int(multihost_utils.process_allgather(np.array(n_batches)).max())
-    limit_batches = self.limit_batches if limit is None else (
-        -1 if limit < 0 else -(-limit // self.batch_size))
-    if limit_batches >= 0:
-      n_batches = min(n_batches, limit_batches)
+    limit = self.limit if limit is None else limit
+    if limit >= 0:
+      n_batches = min(n_batches, -(-limit // self.batch_size))
     start, seen = time.perf_counter(), 0
     for i in range(n_batches):
       local = self.dataset[min(i, len(self.dataset) - 1)]

@@ -129,11 +129,18 @@ def inference_params(state: TrainState) -> Any:
   return state.ema_params if state.ema_params is not None else state.params
 
 
-def _checkpoint_items(state: TrainState, model: SPADNet, iterator) -> dict[str, Any]:
+def _train_item(state: TrainState) -> dict[str, Any]:
+  """The 'train' checkpoint item: what resuming needs beyond the inference params (and the
+  raw params too when EMA weights are the inference ones). Works on abstract states too."""
   train = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite,
            "first_nonfinite": state.first_nonfinite}
   if state.ema_params is not None:
     train["params"] = state.params
+  return train
+
+
+def _checkpoint_items(state: TrainState, model: SPADNet, iterator) -> dict[str, Any]:
+  train = _train_item(state)
   return dict(model=ocp.args.JsonSave(checkpoint.model_config(model)),
               params=ocp.args.StandardSave({"params": inference_params(state)}),
               train=ocp.args.StandardSave(train),
@@ -142,10 +149,7 @@ def _checkpoint_items(state: TrainState, model: SPADNet, iterator) -> dict[str, 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, abstract: TrainState, iterator) -> TrainState:
   """Restore onto the shardings carried by `abstract` (any mesh or device count)."""
-  train = {"step": abstract.step, "opt_state": abstract.opt_state,
-           "nonfinite": abstract.nonfinite, "first_nonfinite": abstract.first_nonfinite}
-  if abstract.ema_params is not None:
-    train["params"] = abstract.params
+  train = _train_item(abstract)
   inference = abstract.ema_params if abstract.ema_params is not None else abstract.params
   r = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore({"params": inference}),
