@@ -121,3 +121,32 @@ def test_custom_gradients_match_autodiff_of_the_reference(data):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
   g_nobias = jax.grad(lambda x: jnp.sum(ops.pac_conv_fused(x, ref_kernel(h), w) ** 2))(x)
   assert g_nobias.shape == x.shape
+
+
+def test_fused_bfloat16_accumulates_in_float32(data):
+  """bf16 inputs: the tap sum is accumulated in float32, and gradients keep input dtypes."""
+  h, x, w, b = (jnp.asarray(a, jnp.float32) for a in data)
+  k = ops.gaussian_kernel(h)
+  ref = ops.pac_conv_einsum(*(a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, k, w, b)))
+  out = ops.pac_conv_fused(*(a.astype(jnp.bfloat16) for a in (x, k, w, b)))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))
+  grads = jax.grad(lambda *a: jnp.sum(ops.pac_conv_fused(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2, 3))(
+      *(a.astype(jnp.bfloat16) for a in (x, k, w, b)))
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
+  assert ops.gaussian_kernel(h.astype(jnp.bfloat16)).dtype == jnp.float32
+
+
+def test_unrolled_tap_path_of_accelerators_matches(data, monkeypatch):
+  """GPUs/TPUs run the taps unrolled (CPU runs a loop): check that path here too."""
+  from spadnet_jax.ops import pac
+  h, x, w, b = (jnp.asarray(a, jnp.float32) for a in data)
+  loss = lambda impl: (lambda x, h, w, b: jnp.sum(jnp.sin(ops.pac_conv(x, ops.gaussian_kernel(h), w, b,
+                                                                       impl=impl))))
+  ref = jax.grad(loss("fused"), argnums=(0, 1, 2, 3))(x, h, w, b)
+  monkeypatch.setattr(pac, "_for_each_tap", pac._unrolled_taps)
+  got = jax.grad(loss("fused"), argnums=(0, 1, 2, 3))(x, h, w, b)
+  for a, r in zip(got, ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+  np.testing.assert_allclose(ops.gaussian_kernel(h), _kernel_loop(np.asarray(h), lambda d: np.exp(-0.5 * d)),
+                             rtol=1e-5, atol=1e-6)

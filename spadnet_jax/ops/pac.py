@@ -14,7 +14,7 @@ functions and convolution formulations are registered by name, so a research var
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,58 @@ def unfold(x: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   return jnp.stack([shift(x, dy, dx) for _, dy, dx in window_offsets(ksize)], axis=3)
 
 
+def _pad_window(x: jnp.ndarray, ksize: int) -> jnp.ndarray:
+  """Zero-pad H and W by ksize // 2 once, so every tap is a slice of one array."""
+  r = ksize // 2
+  return jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
+
+
+def _tap_slice(x_pad: jnp.ndarray, t: jnp.ndarray, ksize: int, shape: tuple[int, ...]) -> jnp.ndarray:
+  """Tap t's shifted view of x (x_pad[:, y + dy, x + dx]) for a traced tap index t."""
+  return jax.lax.dynamic_slice(x_pad, (0, t // ksize, t % ksize, 0), shape)
+
+
+def _acc_dtype(dtype) -> jnp.dtype:
+  """Accumulate in at least float32, so bfloat16 models sum taps and channels exactly enough."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _tap_add(x_pad: jnp.ndarray, t: jnp.ndarray, ksize: int, v: jnp.ndarray) -> jnp.ndarray:
+  """Adjoint of _tap_slice: add v into x_pad at tap t's window (in place in a loop)."""
+  start = (0, t // ksize, t % ksize, 0)
+  return jax.lax.dynamic_update_slice(x_pad, jax.lax.dynamic_slice(x_pad, start, v.shape) + v, start)
+
+
+def _unrolled_taps(ntaps: int, body: Callable, init: Any) -> Any:
+  for t in range(ntaps):
+    init = body(t, init)
+  return init
+
+
+def _for_each_tap(ntaps: int, body: Callable, init: Any) -> Any:
+  """carry = body(t, carry) for t in range(ntaps): a lax.fori_loop on CPU, unrolled elsewhere.
+
+  On XLA:CPU the loop keeps one tap's temporaries alive at a time; unrolled, XLA ran all
+  nine concurrently, 3x slower and with several times the memory. On a GPU the unrolled
+  taps ran 1.75x faster (a while loop there syncs with the host every iteration).
+  """
+  return jax.lax.platform_dependent(
+      init, cpu=lambda carry: jax.lax.fori_loop(0, ntaps, body, carry),
+      default=lambda carry: _unrolled_taps(ntaps, body, carry))
+
+
+# Backward passes recompute from their inputs (behind an optimization barrier, which stops
+# CSE where the backend honours it) rather than keeping forward temporaries alive.
+
 def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   """d[n, p, t] = sum_c (h_pad[n, p + off(t), c] - h[n, p, c])^2, (N, H, W, T)."""
-  return jnp.stack([jnp.sum(jnp.square(shift(h, dy, dx) - h), axis=-1)
-                    for _, dy, dx in window_offsets(ksize)], axis=-1)
+  h_pad, acc = _pad_window(h, ksize), _acc_dtype(h.dtype)
+
+  def tap(t, d):
+    diff = (_tap_slice(h_pad, t, ksize, h.shape) - h).astype(acc)
+    return jax.lax.dynamic_update_slice_in_dim(d, jnp.sum(diff * diff, -1, keepdims=True), t, 3)
+
+  return _for_each_tap(ksize * ksize, tap, jnp.zeros(h.shape[:3] + (ksize * ksize,), acc))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -63,13 +111,20 @@ def _gaussian_fwd(h, ksize):
 
 
 def _gaussian_bwd(ksize, res, dk):
-  h, k = res
+  h, k = jax.lax.optimization_barrier(res)
   a = dk * k                       # d k_t / d dist_t = -0.5 k_t; d dist_t / d h = +-2 diff
-  dh = jnp.zeros_like(h)
-  for t, dy, dx in window_offsets(ksize):
-    term = a[..., t:t + 1] * (shift(h, dy, dx) - h)
-    dh = dh + term - shift(term, -dy, -dx)
-  return (dh,)
+  h_pad, acc = _pad_window(h, ksize), _acc_dtype(h.dtype)
+
+  def tap(t, carry):               # +a_t (h_q - h_p) at p, the negative of it at q = p + off(t)
+    dh, dh_pad = carry
+    diff = (_tap_slice(h_pad, t, ksize, h.shape) - h).astype(acc)
+    term = jax.lax.dynamic_slice_in_dim(a, t, 1, 3) * diff
+    return dh + term, _tap_add(dh_pad, t, ksize, -term)
+
+  init = (jnp.zeros(h.shape, acc), jnp.zeros(h_pad.shape, acc))
+  dh, dh_pad = _for_each_tap(ksize * ksize, tap, init)
+  r = ksize // 2
+  return ((dh + dh_pad[:, r:r + h.shape[1], r:r + h.shape[2]]).astype(h.dtype),)
 
 
 gaussian_kernel.defvjp(_gaussian_fwd, _gaussian_bwd)
@@ -115,33 +170,50 @@ def pac_conv_shifted(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
 @jax.custom_vjp
 def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
                    b: jnp.ndarray | None = None) -> jnp.ndarray:
-  """`pac_conv_shifted` with a hand-written gradient that keeps only (x, k, w) alive.
+  """PAC as a loop over taps of kernel-weighted 1x1 products, with a hand-written gradient.
 
-  Backward, per tap t: G = dout @ w_t^T; dk_t = sum_c shift(x)_t * G;
-  dx += unshift(k_t * G); dw_t = (shift(x)_t * k_t)^T @ dout. The fastest formulation
-  on CPU (benchmarks/run.py) and the default of the models.
+  Forward: out += (x_t * k_t) @ w_t for each tap, x_t a slice of one padded copy of x.
+  Backward, per tap: G = dout @ w_t^T; dk_t = sum_c x_t * G; dx_t += k_t * G;
+  dw_t = (x_t * k_t)^T @ dout. Only (x, k, w) are kept for the backward pass and one
+  tap's temporaries are alive at a time. The default of the models.
   """
-  return pac_conv_shifted(x, k, w, b)
+  ksize, acc = w.shape[0], _acc_dtype(x.dtype)
+  x_pad, wt = _pad_window(x, ksize), jnp.asarray(w).reshape(ksize * ksize, *w.shape[2:])
+
+  def tap(t, out):
+    xk = _tap_slice(x_pad, t, ksize, x.shape) * jax.lax.dynamic_slice_in_dim(k, t, 1, 3)
+    return out + jnp.einsum("nhwc,co->nhwo", xk, wt[t], preferred_element_type=acc)
+
+  out = _for_each_tap(ksize * ksize, tap, jnp.zeros(x.shape[:3] + w.shape[3:], acc))
+  return (out if b is None else out + b).astype(x.dtype)
 
 
 def _fused_fwd(x, k, w, b):
-  return pac_conv_shifted(x, k, w, b), (x, k, w, b is None)
+  return pac_conv_fused(x, k, w, b), (x, k, w, b)
 
 
 def _fused_bwd(res, g):
-  x, k, w, no_bias = res
-  ksize = w.shape[0]
+  x, k, w, b = res
+  x, k, w = jax.lax.optimization_barrier((x, k, w))
+  ksize, acc = w.shape[0], _acc_dtype(x.dtype)
+  x_pad, wt = _pad_window(x, ksize), w.reshape(ksize * ksize, *w.shape[2:])
   g2 = g.reshape(-1, g.shape[-1])
-  dx, dk, dw = jnp.zeros_like(x), [], []
-  for t, dy, dx_ in window_offsets(ksize):
-    wt = w[dy + ksize // 2, dx_ + ksize // 2]
-    xt = shift(x, dy, dx_)
-    grad_in = g @ wt.T
-    dk.append(jnp.sum(xt * grad_in, axis=-1))
-    dx = dx + shift(k[..., t:t + 1] * grad_in, -dy, -dx_)
-    dw.append((xt * k[..., t:t + 1]).reshape(-1, x.shape[-1]).T @ g2)
-  db = None if no_bias else jnp.sum(g2, axis=0)
-  return dx, jnp.stack(dk, axis=-1), jnp.stack(dw).reshape(w.shape), db
+
+  def tap(t, carry):
+    dx_pad, dk, dw = carry
+    xt, kt = _tap_slice(x_pad, t, ksize, x.shape), jax.lax.dynamic_slice_in_dim(k, t, 1, 3)
+    grad_in = jnp.einsum("nhwo,co->nhwc", g, wt[t], preferred_element_type=acc)
+    dk_t = jnp.sum(xt * grad_in, -1, keepdims=True)
+    dw_t = jnp.matmul((xt * kt).reshape(-1, x.shape[-1]).T, g2, preferred_element_type=acc)
+    return (_tap_add(dx_pad, t, ksize, kt * grad_in), jax.lax.dynamic_update_slice_in_dim(dk, dk_t, t, 3),
+            dw.at[t].set(dw_t))
+
+  init = (jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(wt.shape, acc))
+  dx_pad, dk, dw = _for_each_tap(ksize * ksize, tap, init)
+  r = ksize // 2
+  dx = dx_pad[:, r:r + x.shape[1], r:r + x.shape[2]]
+  db = None if b is None else jnp.sum(g2, axis=0, dtype=acc).astype(b.dtype)
+  return dx.astype(x.dtype), dk.astype(k.dtype), dw.reshape(w.shape).astype(w.dtype), db
 
 
 pac_conv_fused.defvjp(_fused_fwd, _fused_bwd)
