@@ -54,7 +54,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, data_dir):
 
 
 def test_options_bf16_clip_remat_ema(tmp_path, data_dir):
-  cfg = tiny_config(data_dir, **{"model.dtype": "bfloat16", "model.remat": True,
+  cfg = tiny_config(data_dir, **{"model.dtype": "bfloat16", "model.remat": "all",
                                  "optimizer.grad_clip": 0.5, "optimizer.ema_decay": 0.5})
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert np.isfinite(summary["psnr_y"])
