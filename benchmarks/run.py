@@ -1,16 +1,19 @@
-"""Model benchmarks: training and inference speed, peak memory, compile time, FLOPs.
+"""Model benchmarks: training and inference speed, peak memory, compile time, FLOPs, MFU.
 
     python -m benchmarks.run [--quick] [--json FILE] [--cases train inference pac]
+                             [--dtype bfloat16] [--batches 8 64] [--remat rcab]
 
-Each case runs in its own process so its peak memory (max RSS, as for the PyTorch
-reference in SPEC.md) is its own. Prints one table; --json writes the records.
+Each case runs in its own process so its peak memory is its own: max RSS on CPU (as for
+the PyTorch reference in SPEC.md), the allocator's peak on an accelerator. FLOPs are model
+FLOPs (XLA's count for the unrolled 'shifted' PAC, no rematerialisation); MFU is achieved
+FLOP/s over the device's dense peak for the dtype (PEAK_TFLOPS, or --peak_tflops).
+Prints one table; --json writes the records.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,86 +21,114 @@ import time
 
 # Official PyTorch code on the 2-core CI machine kind (SPEC.md).
 REFERENCE = {("train", 8): 1.05, ("inference", 1): 3.85, ("inference", 8): 3.36}
+# Dense tensor-core peaks (vendor datasheets, SXM parts), TFLOP/s; float32 runs as TF32.
+PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0},
+               "H200": {"bfloat16": 989.0, "float32": 494.0},
+               "A100": {"bfloat16": 312.0, "float32": 156.0}}
 
 
-def _timed(fn, *args, iters: int):
-  """Median seconds per call of an already-compiled function (results blocked on)."""
+def _flops(fn, specs) -> float:
+  """XLA's FLOP count of fn, lowered for CPU: the same model FLOPs on every device."""
   import jax
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
+  cost = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cpu",)).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str) -> list[dict]:
-  """Paper-size SPADNet x8: a train step (L1 + L1, Adam) or a forward pass."""
+def _peak_device_memory_gib() -> float | None:
+  """The allocator's peak on an accelerator; None on CPU (the parent reads max RSS)."""
+  import jax
+  dev = jax.local_devices()[0]
+  if dev.platform == "cpu":
+    return None
+  stats = dev.memory_stats() or {}
+  return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
+  """Mean seconds per call over `iters` back-to-back calls after two warm-up calls."""
+  import jax
+  for _ in range(2):
+    out = fn(*args)
+    if thread_state:
+      args = [out[0], out[1], *args[2:]]
+  jax.block_until_ready(out)
+  t = time.perf_counter()
+  for _ in range(iters):
+    out = fn(*args)
+    if thread_state:
+      args = [out[0], out[1], *args[2:]]
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / iters
+
+
+def _step_fn(model, kind: str):
+  """A paper-size train step (L1 + L1, Adam) or a forward pass of `model`."""
   import jax
   import jax.numpy as jnp
   import optax
-  from spadnet_jax import models
-  from spadnet_jax.checkpoint import _DTYPES
-  model = models.SPADNet(scale=8, pac_impl=pac_impl, dtype=_DTYPES[dtype])
+  if kind == "inference":
+    return lambda p, x: model.apply({"params": p}, x)
+  tx = optax.adam(1e-4, b1=0.9, b2=0.99, eps=1e-8)
+
+  def step(params, opt_state, x, hm):
+    def loss_fn(p):
+      sr, h = model.apply({"params": p}, x)
+      return jnp.mean(jnp.abs(sr - x)) + jnp.mean(jnp.abs(h - hm))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  step.tx = tx
+  return step
+
+
+def _step_args(model, fn, kind: str, batch: int) -> list:
+  import jax
   x = jax.random.uniform(jax.random.key(0), (batch, 128, 128, 3))
-  hm = jax.random.uniform(jax.random.key(1), (batch, 128, 128, 5))
   params = jax.jit(model.init)(jax.random.key(2), model.example_input())["params"]
-  if kind == "train":
-    tx = optax.adam(1e-4, b1=0.9, b2=0.99, eps=1e-8)
+  if kind == "inference":
+    return [params, x]
+  hm = jax.random.uniform(jax.random.key(1), (batch, 128, 128, 5))
+  return [params, fn.tx.init(params), x, hm]
 
-    def step(params, opt_state, x, hm):
-      def loss_fn(p):
-        sr, h = model.apply({"params": p}, x)
-        return jnp.mean(jnp.abs(sr - x)) + jnp.mean(jnp.abs(h - hm))
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
 
-    fn = jax.jit(step, donate_argnums=(0, 1))
-    args = [params, tx.init(params), x, hm]
-  else:
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    args = [params, x]
+def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
+               remat: str) -> list[dict]:
+  """Paper-size SPADNet x8: a train step or a forward pass."""
+  import jax
+  import jax.numpy as jnp
+  from spadnet_jax import models, platform
+  model = models.SPADNet(scale=8, pac_impl=pac_impl, remat=remat, dtype=jnp.dtype(dtype))
+  fn = _step_fn(model, kind)
+  args = _step_args(model, fn, kind, batch)
+  specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+  donate = (0, 1) if kind == "train" else ()
   t = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   compile_s = time.perf_counter() - t
-  from spadnet_jax import platform
   platform.release_host_memory()     # as train.py does after compiling
-  if kind == "train":
-    state = compiled(*args)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(iters):
-      t = time.perf_counter()
-      state = compiled(state[0], state[1], x, hm)
-      jax.block_until_ready(state)
-      times.append(time.perf_counter() - t)
-    sec = statistics.median(times)
-  else:
-    jax.block_until_ready(compiled(*args))
-    sec = _timed(compiled, *args, iters=iters)
-  flops = _flops(compiled)
-  return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl,
+  sec = _run_timed(compiled, args, iters, thread_state=kind == "train")
+  peak_gib = _peak_device_memory_gib()
+  counted = models.SPADNet(scale=8, pac_impl="shifted", remat="none", dtype=jnp.dtype(dtype))
+  flops = _flops(_step_fn(counted, kind), specs)
+  return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl, "remat": remat,
            "s_per_step": sec, "images_per_s": batch / sec, "compile_s": compile_s,
-           "gflop_per_image": flops / batch / 1e9, "achieved_gflop_s": flops / sec / 1e9}]
+           "gflop_per_image": flops / batch / 1e9, "achieved_tflop_s": flops / sec / 1e12,
+           "peak_memory_gib": peak_gib}]
 
 
-def case_pac(iters: int) -> list[dict]:
+def case_pac(iters: int, dtype: str, batch: int) -> list[dict]:
   """The LSAC layer alone (forward + backward) against a plain 3x3 conv of the same shape."""
   import jax
   import jax.numpy as jnp
   from spadnet_jax import ops
-  shape = (8, 64, 64, 64)
-  x = jax.random.normal(jax.random.key(0), shape)
-  h = jax.random.normal(jax.random.key(1), shape) * 0.1
-  w = jax.random.normal(jax.random.key(2), (3, 3, 64, 64)) * 0.05
-  b = jnp.zeros((64,))
+  dt = jnp.dtype(dtype)
+  shape = (batch, 64, 64, 64)
+  x = jax.random.normal(jax.random.key(0), shape, dt)
+  h = (jax.random.normal(jax.random.key(1), shape) * 0.1).astype(dt)
+  w = (jax.random.normal(jax.random.key(2), (3, 3, 64, 64)) * 0.05).astype(dt)
+  b = jnp.zeros((64,), dt)
 
   def conv(x, h, w, b):
     del h
@@ -105,23 +136,22 @@ def case_pac(iters: int) -> list[dict]:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
 
   def pac(impl):
-    return lambda x, h, w, b: ops.pac_conv(x, ops.gaussian_kernel(h), w, b, impl=impl)
+    return lambda x, h, w, b: ops.pac_conv(x, ops.gaussian_kernel(h).astype(dt), w, b, impl=impl)
 
   records = []
   for name, f in [("conv3x3", conv)] + [(f"pac_{i}", pac(i)) for i in sorted(ops.PAC_IMPLS)]:
-    g = jax.jit(jax.grad(lambda x, h, w, b: jnp.sum(f(x, h, w, b) ** 2), argnums=(0, 1, 2)))
-    compiled = g.lower(x, h, w, b).compile()
-    jax.block_until_ready(compiled(x, h, w, b))
-    sec = _timed(compiled, x, h, w, b, iters=iters)
+    loss = lambda x, h, w, b: jnp.sum(f(x, h, w, b).astype(jnp.float32) ** 2)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, h, w, b).compile()
+    sec = _run_timed(compiled, [x, h, w, b], iters, thread_state=False)
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20 if mem else float("nan")
-    records.append({"name": f"layer_{name}_fwd_bwd", "batch": shape[0], "s_per_step": sec,
-                    "images_per_s": shape[0] / sec, "temp_mib": temp})
+    records.append({"name": f"layer_{name}_fwd_bwd", "batch": batch, "dtype": dtype,
+                    "s_per_step": sec, "images_per_s": batch / sec, "temp_mib": temp})
   return records
 
 
 def run_case(args: list[str]) -> list[dict]:
-  """Run one case in a child process; add that process's peak memory (max RSS)."""
+  """Run one case in a child process; on CPU add that process's peak memory (max RSS)."""
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   with tempfile.TemporaryFile("w+") as err:
     p = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--child", *args],
@@ -133,53 +163,83 @@ def run_case(args: list[str]) -> list[dict]:
       raise RuntimeError(f"benchmark case {args} failed:\n{err.read()[-3000:]}")
   records = json.loads(out.strip().splitlines()[-1])
   for r in records:
-    r["peak_memory_gib"] = usage.ru_maxrss / 2**20 if len(records) == 1 else None   # KiB
+    if r.get("peak_memory_gib") is None and len(records) == 1:
+      r["peak_memory_gib"] = usage.ru_maxrss / 2**20   # KiB -> GiB
   return records
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  for key, peaks in PEAK_TFLOPS.items():
+    if key in device_kind:
+      return peaks.get(dtype)
+  return None
+
+
+def format_table(records: list[dict], device: str) -> str:
+  lines = [f"device: {device}", "",
+           "| case | batch | dtype | remat | s/step | images/s | vs PyTorch ref | compile s | "
+           "GFLOP/img | TFLOP/s | MFU | peak mem GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in records:
+    ref = REFERENCE.get((r["name"], r["batch"])) if r.get("dtype") == "float32" else None
+    fmt = lambda k, f: (f.format(r[k]) if r.get(k) is not None else "-")
+    lines.append(
+        f"| {r['name']} | {r['batch']} | {r.get('dtype', '-')} | {r.get('remat', '-')} | "
+        f"{r['s_per_step']:.4f} | {r['images_per_s']:.2f} | "
+        f"{'%.2fx' % (r['images_per_s'] / ref) if ref and 'cpu' in device else '-'} | "
+        f"{fmt('compile_s', '{:.1f}')} | {fmt('gflop_per_image', '{:.2f}')} | "
+        f"{fmt('achieved_tflop_s', '{:.3f}')} | {fmt('mfu', '{:.1%}')} | "
+        f"{fmt('peak_memory_gib', '{:.2f}')} |")
+  return "\n".join(lines)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--cases", nargs="+", default=["train", "inference", "pac"])
+  p.add_argument("--cases", nargs="+", default=["train", "inference", "pac"],
+                 choices=["train", "inference", "pac"])
   p.add_argument("--quick", action="store_true", help="fewer timed iterations")
+  p.add_argument("--iters", type=int, default=None, help="timed iterations per case")
   p.add_argument("--json", default=None, help="also write the records to this file")
-  p.add_argument("--dtype", default="float32")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--pac_impl", default="fused")
-  p.add_argument("--batches", type=int, nargs="+", default=None)
+  p.add_argument("--remat", default="rcab", help="SPADNet.remat for the train case")
+  p.add_argument("--batches", type=int, nargs="+", default=None,
+                 help="default: 8 for train, 1 and 8 for inference")
+  p.add_argument("--pac_batch", type=int, default=8)
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="device peak for MFU (default: PEAK_TFLOPS by device kind)")
   p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child is not None:
     from spadnet_jax import platform
     platform.configure_xla_cpu()
-    kind, batch, iters, dtype, impl = args.child
-    recs = (case_pac(int(iters)) if kind == "pac" else
-            case_model(kind, int(batch), int(iters), dtype, impl))
+    kind, batch, iters, dtype, impl, remat = args.child
+    recs = (case_pac(int(iters), dtype, int(batch)) if kind == "pac" else
+            case_model(kind, int(batch), int(iters), dtype, impl, remat))
     print(json.dumps(recs))
     return
   import jax  # only for the device name
-  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({os.cpu_count()} CPU cores)"
-  iters = 3 if args.quick else 10
+  kind = jax.devices()[0].device_kind
+  device = f"{kind} x{jax.device_count()} ({os.cpu_count()} CPU cores)"
+  iters = args.iters or (3 if args.quick else 10)
+  peak = args.peak_tflops or peak_tflops(kind, args.dtype)
   records = []
   for case in args.cases:
     if case == "pac":
-      records += run_case(["pac", "0", str(iters), "float32", "-"])
+      records += run_case(["pac", str(args.pac_batch), str(iters), args.dtype, "-", "-"])
       continue
-    batches = args.batches or ([8] if case == "train" else [1, 8])
-    for b in batches:
-      records += run_case([case, str(b), str(iters if case == "train" else iters * 2), args.dtype,
-                           args.pac_impl])
-  print(f"\ndevice: {device}\n")
-  print("| case | batch | dtype | s/step | images/s | vs PyTorch ref | compile s | GFLOP/img | "
-        "GFLOP/s | peak mem GiB |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+    for b in args.batches or ([8] if case == "train" else [1, 8]):
+      remat = args.remat if case == "train" else "none"
+      records += run_case([case, str(b), str(iters), args.dtype, args.pac_impl, remat])
+      if peak:
+        records[-1]["mfu"] = records[-1]["achieved_tflop_s"] / peak
+      print(json.dumps(records[-1]), flush=True)
   for r in records:
-    ref = REFERENCE.get((r["name"], r["batch"]))
-    fmt = lambda k, f: (f.format(r[k]) if r.get(k) is not None else "-")
-    print(f"| {r['name']} | {r['batch']} | {r.get('dtype', 'float32')} | {r['s_per_step']:.3f} | "
-          f"{r['images_per_s']:.2f} | {'%.2fx' % (r['images_per_s'] / ref) if ref else '-'} | "
-          f"{fmt('compile_s', '{:.1f}')} | {fmt('gflop_per_image', '{:.2f}')} | "
-          f"{fmt('achieved_gflop_s', '{:.1f}')} | {fmt('peak_memory_gib', '{:.2f}')} |")
+    r["device"] = device
+  print("\n" + format_table(records, device))
   if args.json:
-    with open(args.json, "w") as f:
+    from spadnet_jax.files import atomic_path
+    with atomic_path(args.json) as tmp, open(tmp, "w") as f:
       json.dump(records, f, indent=2)
 
 
