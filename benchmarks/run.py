@@ -62,6 +62,11 @@ def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
   return (time.perf_counter() - t) / iters
 
 
+def _adam():
+  import optax
+  return optax.adam(1e-4, b1=0.9, b2=0.99, eps=1e-8)
+
+
 def _step_fn(model, kind: str):
   """A paper-size train step (L1 + L1, Adam) or a forward pass of `model`."""
   import jax
@@ -69,7 +74,7 @@ def _step_fn(model, kind: str):
   import optax
   if kind == "inference":
     return lambda p, x: model.apply({"params": p}, x)
-  tx = optax.adam(1e-4, b1=0.9, b2=0.99, eps=1e-8)
+  tx = _adam()
 
   def step(params, opt_state, x, hm):
     def loss_fn(p):
@@ -79,18 +84,17 @@ def _step_fn(model, kind: str):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  step.tx = tx
   return step
 
 
-def _step_args(model, fn, kind: str, batch: int) -> list:
+def _step_args(model, kind: str, batch: int) -> list:
   import jax
   x = jax.random.uniform(jax.random.key(0), (batch, 128, 128, 3))
   params = jax.jit(model.init)(jax.random.key(2), model.example_input())["params"]
   if kind == "inference":
     return [params, x]
   hm = jax.random.uniform(jax.random.key(1), (batch, 128, 128, 5))
-  return [params, fn.tx.init(params), x, hm]
+  return [params, _adam().init(params), x, hm]
 
 
 def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
@@ -98,10 +102,11 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
   """Paper-size SPADNet x8: a train step or a forward pass."""
   import jax
   import jax.numpy as jnp
+
   from spadnet_jax import models, platform
   model = models.SPADNet(scale=8, pac_impl=pac_impl, remat=remat, dtype=jnp.dtype(dtype))
   fn = _step_fn(model, kind)
-  args = _step_args(model, fn, kind, batch)
+  args = _step_args(model, kind, batch)
   specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
   donate = (0, 1) if kind == "train" else ()
   t = time.perf_counter()
@@ -122,6 +127,7 @@ def case_pac(iters: int, dtype: str, batch: int) -> list[dict]:
   """The LSAC layer alone (forward + backward) against a plain 3x3 conv of the same shape."""
   import jax
   import jax.numpy as jnp
+
   from spadnet_jax import ops
   dt = jnp.dtype(dtype)
   shape = (batch, 64, 64, 64)
@@ -140,7 +146,7 @@ def case_pac(iters: int, dtype: str, batch: int) -> list[dict]:
 
   records = []
   for name, f in [("conv3x3", conv)] + [(f"pac_{i}", pac(i)) for i in sorted(ops.PAC_IMPLS)]:
-    loss = lambda x, h, w, b: jnp.sum(f(x, h, w, b).astype(jnp.float32) ** 2)
+    loss = lambda x, h, w, b, f=f: jnp.sum(f(x, h, w, b).astype(jnp.float32) ** 2)
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, h, w, b).compile()
     sec = _run_timed(compiled, [x, h, w, b], iters, thread_state=False)
     mem = compiled.memory_analysis()
@@ -182,7 +188,7 @@ def format_table(records: list[dict], device: str) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in records:
     ref = REFERENCE.get((r["name"], r["batch"])) if r.get("dtype") == "float32" else None
-    fmt = lambda k, f: (f.format(r[k]) if r.get(k) is not None else "-")
+    fmt = lambda k, f, r=r: (f.format(r[k]) if r.get(k) is not None else "-")
     lines.append(
         f"| {r['name']} | {r['batch']} | {r.get('dtype', '-')} | {r.get('remat', '-')} | "
         f"{r['s_per_step']:.4f} | {r['images_per_s']:.2f} | "

@@ -12,7 +12,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 
 def remat_call(block: nn.Module, *args: Any) -> Any:
