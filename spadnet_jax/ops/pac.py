@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from spadnet_jax.ops.ordering import after
+
 
 def window_offsets(ksize: int) -> Iterator[tuple[int, int, int]]:
   """Yields (tap, dy, dx) for a ksize x ksize window in row-major order."""
@@ -81,9 +83,6 @@ def _for_each_tap(ntaps: int, body: Callable, init: Any) -> Any:
       default=lambda carry: _unrolled_taps(ntaps, body, carry))
 
 
-# Backward passes recompute from their inputs (behind an optimization barrier, which stops
-# CSE where the backend honours it) rather than keeping forward temporaries alive.
-
 def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   """d[n, p, t] = sum_c (h_pad[n, p + off(t), c] - h[n, p, c])^2, (N, H, W, T)."""
   h_pad, acc = _pad_window(h, ksize), _acc_dtype(h.dtype)
@@ -111,7 +110,7 @@ def _gaussian_fwd(h, ksize):
 
 
 def _gaussian_bwd(ksize, res, dk):
-  h, k = jax.lax.optimization_barrier(res)
+  h, k = after(res, dk)           # recompute the differences; keep no forward copy alive
   a = dk * k                       # d k_t / d dist_t = -0.5 k_t; d dist_t / d h = +-2 diff
   h_pad, acc = _pad_window(h, ksize), _acc_dtype(h.dtype)
 
@@ -121,7 +120,7 @@ def _gaussian_bwd(ksize, res, dk):
     term = jax.lax.dynamic_slice_in_dim(a, t, 1, 3) * diff
     return dh + term, _tap_add(dh_pad, t, ksize, -term)
 
-  init = (jnp.zeros(h.shape, acc), jnp.zeros(h_pad.shape, acc))
+  init = after((jnp.zeros(h.shape, acc), jnp.zeros(h_pad.shape, acc)), dk)
   dh, dh_pad = _for_each_tap(ksize * ksize, tap, init)
   r = ksize // 2
   return ((dh + dh_pad[:, r:r + h.shape[1], r:r + h.shape[2]]).astype(h.dtype),)
@@ -194,7 +193,7 @@ def _fused_fwd(x, k, w, b):
 
 def _fused_bwd(res, g):
   x, k, w, b = res
-  x, k, w = jax.lax.optimization_barrier((x, k, w))
+  x, k, w = after((x, k, w), g)   # recompute x_t * k_t; keep no forward copy alive
   ksize, acc = w.shape[0], _acc_dtype(x.dtype)
   x_pad, wt = _pad_window(x, ksize), w.reshape(ksize * ksize, *w.shape[2:])
   g2 = g.reshape(-1, g.shape[-1])
@@ -208,7 +207,7 @@ def _fused_bwd(res, g):
     return (_tap_add(dx_pad, t, ksize, kt * grad_in), jax.lax.dynamic_update_slice_in_dim(dk, dk_t, t, 3),
             dw.at[t].set(dw_t))
 
-  init = (jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(wt.shape, acc))
+  init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(wt.shape, acc)), g)
   dx_pad, dk, dw = _for_each_tap(ksize * ksize, tap, init)
   r = ksize // 2
   dx = dx_pad[:, r:r + x.shape[1], r:r + x.shape[2]]
