@@ -26,6 +26,11 @@ def gate_map(g: jnp.ndarray, height: int, width: int, mode: str = "official") ->
   per-channel broadcast the paper describes (g[c] at every position of channel c).
   """
   n, c = g.shape
+  if mode == "official" and (height * width) % c == 0:
+    # Every SPADNet resolution: entry [y, x] is g[(y*W + x) mod C] for all channels, a tiled
+    # (N, H, W, 1) map that fuses into its consumer (no gather, no scatter in the gradient).
+    tiled = jnp.tile(g, (1, height * width // c)).reshape(n, height, width, 1)
+    return jnp.broadcast_to(tiled, (n, height, width, c))
   if mode == "official":
     return jnp.take(g, jnp.asarray(official_gate_index(height, width, c)), axis=1)
   if mode == "channel":
