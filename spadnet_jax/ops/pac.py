@@ -49,9 +49,20 @@ def _pad_window(x: jnp.ndarray, ksize: int) -> jnp.ndarray:
   return jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)))
 
 
+def _crop_window(x_pad: jnp.ndarray, ksize: int) -> jnp.ndarray:
+  """Inverse of _pad_window: the unpadded interior."""
+  r = ksize // 2
+  return x_pad[:, r:x_pad.shape[1] - r, r:x_pad.shape[2] - r]
+
+
+def _tap_start(t: jnp.ndarray, ksize: int) -> tuple:
+  """Where tap t's window starts in the padded array (row-major tap order)."""
+  return (0, t // ksize, t % ksize, 0)
+
+
 def _tap_slice(x_pad: jnp.ndarray, t: jnp.ndarray, ksize: int, shape: tuple[int, ...]) -> jnp.ndarray:
   """Tap t's shifted view of x (x_pad[:, y + dy, x + dx]) for a traced tap index t."""
-  return jax.lax.dynamic_slice(x_pad, (0, t // ksize, t % ksize, 0), shape)
+  return jax.lax.dynamic_slice(x_pad, _tap_start(t, ksize), shape)
 
 
 def _acc_dtype(dtype) -> jnp.dtype:
@@ -61,7 +72,7 @@ def _acc_dtype(dtype) -> jnp.dtype:
 
 def _tap_add(x_pad: jnp.ndarray, t: jnp.ndarray, ksize: int, v: jnp.ndarray) -> jnp.ndarray:
   """Adjoint of _tap_slice: add v into x_pad at tap t's window (in place in a loop)."""
-  start = (0, t // ksize, t % ksize, 0)
+  start = _tap_start(t, ksize)
   return jax.lax.dynamic_update_slice(x_pad, jax.lax.dynamic_slice(x_pad, start, v.shape) + v, start)
 
 
@@ -122,8 +133,7 @@ def _gaussian_bwd(ksize, res, dk):
 
   init = after((jnp.zeros(h.shape, acc), jnp.zeros(h_pad.shape, acc)), dk)
   dh, dh_pad = _for_each_tap(ksize * ksize, tap, init)
-  r = ksize // 2
-  return ((dh + dh_pad[:, r:r + h.shape[1], r:r + h.shape[2]]).astype(h.dtype),)
+  return ((dh + _crop_window(dh_pad, ksize)).astype(h.dtype),)
 
 
 gaussian_kernel.defvjp(_gaussian_fwd, _gaussian_bwd)
@@ -209,8 +219,7 @@ def _fused_bwd(res, g):
 
   init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(wt.shape, acc)), g)
   dx_pad, dk, dw = _for_each_tap(ksize * ksize, tap, init)
-  r = ksize // 2
-  dx = dx_pad[:, r:r + x.shape[1], r:r + x.shape[2]]
+  dx = _crop_window(dx_pad, ksize)
   db = None if b is None else jnp.sum(g2, axis=0, dtype=acc).astype(b.dtype)
   return dx.astype(x.dtype), dk.astype(k.dtype), dw.reshape(w.shape).astype(w.dtype), db
 
