@@ -144,12 +144,27 @@ def test_unrolled_tap_path_of_accelerators_matches(data, monkeypatch):
   loss = lambda impl: (lambda x, h, w, b: jnp.sum(jnp.sin(ops.pac_conv(x, ops.gaussian_kernel(h), w, b,
                                                                        impl=impl))))
   ref = jax.grad(loss("fused"), argnums=(0, 1, 2, 3))(x, h, w, b)
-  monkeypatch.setattr(pac, "_for_each_tap", pac._unrolled_taps)
+  monkeypatch.setattr(pac, "_by_platform", lambda cpu, default, *args: default(*args))
   got = jax.grad(loss("fused"), argnums=(0, 1, 2, 3))(x, h, w, b)
   for a, r in zip(got, ref):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
   np.testing.assert_allclose(ops.gaussian_kernel(h), _kernel_loop(np.asarray(h), lambda d: np.exp(-0.5 * d)),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_squared_distances_5x5_window_matches_loop(rng):
+  """The mirror-pair formulation holds for any odd window, borders included."""
+  h = rng.standard_normal((1, 4, 6, 3)).astype(np.float32)
+  hp = np.pad(h, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  ref = np.zeros((1, 4, 6, 25), np.float32)
+  for y in range(4):
+    for x in range(6):
+      for t in range(25):
+        dy, dx = divmod(t, 5)
+        ref[0, y, x, t] = np.sum((hp[0, y + dy, x + dx] - h[0, y, x]) ** 2)
+  np.testing.assert_allclose(ops.squared_distances(jnp.asarray(h), 5), ref, rtol=1e-6, atol=1e-6)
+  check_grads(lambda h: ops.gaussian_kernel(h * 0.3, 5), (jnp.asarray(h[:, :3, :4]),), order=1,
+              modes=("rev",), atol=5e-2, rtol=5e-2, eps=1e-2)
 
 
 def test_after_keeps_values_and_fused_backward_keeps_no_forward_temporaries():

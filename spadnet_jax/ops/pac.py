@@ -82,6 +82,15 @@ def _unrolled_taps(ntaps: int, body: Callable, init: Any) -> Any:
   return init
 
 
+def _looped_taps(ntaps: int, body: Callable, init: Any) -> Any:
+  return jax.lax.fori_loop(0, ntaps, body, init)
+
+
+def _by_platform(cpu: Callable, default: Callable, *args: Any) -> Any:
+  """cpu(*args) when compiling for XLA:CPU, default(*args) for GPUs and TPUs."""
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
 def _for_each_tap(ntaps: int, body: Callable, init: Any) -> Any:
   """carry = body(t, carry) for t in range(ntaps): a lax.fori_loop on CPU, unrolled elsewhere.
 
@@ -89,20 +98,39 @@ def _for_each_tap(ntaps: int, body: Callable, init: Any) -> Any:
   nine concurrently, 3x slower and with several times the memory. On a GPU the unrolled
   taps ran 1.75x faster (a while loop there syncs with the host every iteration).
   """
-  return jax.lax.platform_dependent(
-      init, cpu=lambda carry: jax.lax.fori_loop(0, ntaps, body, carry),
-      default=lambda carry: _unrolled_taps(ntaps, body, carry))
+  return _by_platform(functools.partial(_looped_taps, ntaps, body),
+                      functools.partial(_unrolled_taps, ntaps, body), init)
+
+
+def _half_taps(ksize: int) -> tuple[int, int]:
+  """(centre tap, number of taps after it). Tap T-1-t is the mirror of tap t: off = -off(t)."""
+  centre = ksize * ksize // 2
+  return centre, centre
 
 
 def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
-  """d[n, p, t] = sum_c (h_pad[n, p + off(t), c] - h[n, p, c])^2, (N, H, W, T)."""
-  h_pad, acc = _pad_window(h, ksize), _acc_dtype(h.dtype)
+  """d[n, p, t] = sum_c (h_pad[n, p + off(t), c] - h[n, p, c])^2, (N, H, W, T).
 
-  def tap(t, d):
-    diff = (_tap_slice(h_pad, t, ksize, h.shape) - h).astype(acc)
-    return jax.lax.dynamic_update_slice_in_dim(d, jnp.sum(diff * diff, -1, keepdims=True), t, 3)
+  The distance is symmetric, d[p, t] = d[p + off(t), mirror(t)], so only the taps after
+  the centre are computed, each on a grid one window wider, and the mirror taps are
+  slices of the same map: bitwise the per-tap result at 4/9 of the work (the centre is 0).
+  """
+  r, acc = ksize // 2, _acc_dtype(h.dtype)
+  centre, nhalf = _half_taps(ksize)
+  h_wide = jnp.pad(h, ((0, 0), (2 * r, 2 * r), (2 * r, 2 * r), (0, 0)))
+  grid = (h.shape[0], h.shape[1] + 2 * r, h.shape[2] + 2 * r)   # the padded pixels q
+  out = h.shape[:3] + (1,)
 
-  return _for_each_tap(ksize * ksize, tap, jnp.zeros(h.shape[:3] + (ksize * ksize,), acc))
+  def pair(j, d):                   # E[q] = |h(q + off(t)) - h(q)|^2 on the padded grid
+    t = centre + 1 + j
+    diff = (_tap_slice(h_wide, t, ksize, grid + h.shape[3:])
+            - _tap_slice(h_wide, centre, ksize, grid + h.shape[3:])).astype(acc)
+    e = jnp.sum(diff * diff, -1, keepdims=True)
+    d = jax.lax.dynamic_update_slice_in_dim(d, _tap_slice(e, centre, ksize, out), t, 3)
+    return jax.lax.dynamic_update_slice_in_dim(d, _tap_slice(e, 2 * centre - t, ksize, out),
+                                               2 * centre - t, 3)
+
+  return _for_each_tap(nhalf, pair, jnp.zeros(h.shape[:3] + (ksize * ksize,), acc))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -123,17 +151,22 @@ def _gaussian_fwd(h, ksize):
 def _gaussian_bwd(ksize, res, dk):
   h, k = after(res, dk)           # recompute the differences; keep no forward copy alive
   a = dk * k                       # d k_t / d dist_t = -0.5 k_t; d dist_t / d h = +-2 diff
-  h_pad, acc = _pad_window(h, ksize), _acc_dtype(h.dtype)
+  r, acc = ksize // 2, _acc_dtype(h.dtype)
+  centre, nhalf = _half_taps(ksize)
+  h_wide = jnp.pad(h, ((0, 0), (2 * r, 2 * r), (2 * r, 2 * r), (0, 0)))
+  grid = (h.shape[0], h.shape[1] + 2 * r, h.shape[2] + 2 * r)
 
-  def tap(t, carry):               # +a_t (h_q - h_p) at p, the negative of it at q = p + off(t)
-    dh, dh_pad = carry
-    diff = (_tap_slice(h_pad, t, ksize, h.shape) - h).astype(acc)
-    term = jax.lax.dynamic_slice_in_dim(a, t, 1, 3) * diff
-    return dh + term, _tap_add(dh_pad, t, ksize, -term)
+  def pair(j, dh_wide):             # both taps of a mirror pair share E[q]'s difference
+    t = centre + 1 + j
+    a_e = _tap_add(jnp.zeros(grid + (1,), acc), centre, ksize, jax.lax.dynamic_slice_in_dim(a, t, 1, 3))
+    a_e = _tap_add(a_e, 2 * centre - t, ksize, jax.lax.dynamic_slice_in_dim(a, 2 * centre - t, 1, 3))
+    diff = (_tap_slice(h_wide, t, ksize, grid + h.shape[3:])
+            - _tap_slice(h_wide, centre, ksize, grid + h.shape[3:])).astype(acc)
+    term = a_e * diff               # +term at q, -term at q + off(t)
+    return _tap_add(_tap_add(dh_wide, centre, ksize, term), t, ksize, -term)
 
-  init = after((jnp.zeros(h.shape, acc), jnp.zeros(h_pad.shape, acc)), dk)
-  dh, dh_pad = _for_each_tap(ksize * ksize, tap, init)
-  return ((dh + _crop_window(dh_pad, ksize)).astype(h.dtype),)
+  dh_wide = _for_each_tap(nhalf, pair, after(jnp.zeros(h_wide.shape, acc), dk))
+  return (_crop_window(_crop_window(dh_wide, ksize), ksize).astype(h.dtype),)
 
 
 gaussian_kernel.defvjp(_gaussian_fwd, _gaussian_bwd)
