@@ -14,6 +14,7 @@ functions and convolution formulations are registered by name, so a research var
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Iterator
 
 import jax
@@ -216,8 +217,9 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
 
   Forward: out += (x_t * k_t) @ w_t for each tap, x_t a slice of one padded copy of x.
   Backward, per tap: G = dout @ w_t^T; dk_t = sum_c x_t * G; dx_t += k_t * G;
-  dw_t = (x_t * k_t)^T @ dout. Only (x, k, w) are kept for the backward pass and one
-  tap's temporaries are alive at a time. The default of the models.
+  dw_t = (x_t * k_t)^T @ dout (on CPU for all taps at once, chunk by chunk). Only
+  (x, k, w) are kept for the backward pass and one tap's (or chunk's) temporaries are
+  alive at a time. The default of the models.
   """
   ksize, acc = w.shape[0], _acc_dtype(x.dtype)
   x_pad, wt = _pad_window(x, ksize), jnp.asarray(w).reshape(ksize * ksize, *w.shape[2:])
@@ -239,22 +241,63 @@ def _fused_bwd(res, g):
   x, k, w = after((x, k, w), g)   # recompute x_t * k_t; keep no forward copy alive
   ksize, acc = w.shape[0], _acc_dtype(x.dtype)
   x_pad, wt = _pad_window(x, ksize), w.reshape(ksize * ksize, *w.shape[2:])
-  g2 = g.reshape(-1, g.shape[-1])
 
   def tap(t, carry):
-    dx_pad, dk, dw = carry
+    dx_pad, dk = carry
     xt, kt = _tap_slice(x_pad, t, ksize, x.shape), jax.lax.dynamic_slice_in_dim(k, t, 1, 3)
     grad_in = jnp.einsum("nhwo,co->nhwc", g, wt[t], preferred_element_type=acc)
     dk_t = jnp.sum(xt * grad_in, -1, keepdims=True)
-    dw_t = jnp.matmul((xt * kt).reshape(-1, x.shape[-1]).T, g2, preferred_element_type=acc)
-    return (_tap_add(dx_pad, t, ksize, kt * grad_in), jax.lax.dynamic_update_slice_in_dim(dk, dk_t, t, 3),
-            dw.at[t].set(dw_t))
+    return _tap_add(dx_pad, t, ksize, kt * grad_in), jax.lax.dynamic_update_slice_in_dim(dk, dk_t, t, 3)
 
-  init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(wt.shape, acc)), g)
-  dx_pad, dk, dw = _for_each_tap(ksize * ksize, tap, init)
-  dx = _crop_window(dx_pad, ksize)
-  db = None if b is None else jnp.sum(g2, axis=0, dtype=acc).astype(b.dtype)
-  return dx.astype(x.dtype), dk.astype(k.dtype), dw.reshape(w.shape).astype(w.dtype), db
+  init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc)), g)
+  dx_pad, dk = _for_each_tap(ksize * ksize, tap, init)
+  dw = _by_platform(_weight_grad_chunked, _weight_grad_taps, x_pad, k, g)
+  db = None if b is None else jnp.sum(g.reshape(-1, g.shape[-1]), axis=0, dtype=acc).astype(b.dtype)
+  return (_crop_window(dx_pad, ksize).astype(x.dtype), dk.astype(k.dtype),
+          dw.reshape(w.shape).astype(w.dtype), db)
+
+
+def _weight_grad_taps(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+  """dw[t] = (x_t * k_t)^T @ dout, one (Cin, P) x (P, Cout) product per tap: (T, Cin, Cout)."""
+  ntaps, cin = k.shape[3], x_pad.shape[3]
+  ksize, g2 = math.isqrt(ntaps), g.reshape(-1, g.shape[-1])
+  shape = g.shape[:3] + (cin,)
+  return jnp.stack([jnp.matmul((_tap_slice(x_pad, t, ksize, shape) * k[..., t:t + 1]).reshape(-1, cin).T,
+                               g2, preferred_element_type=_acc_dtype(x_pad.dtype)) for t in range(ntaps)])
+
+
+def _chunk_rows(height: int, width: int, pixels: int = 4096) -> int:
+  """The most image rows (a divisor of height) whose pixels fit one chunk, at least 1."""
+  return max([r for r in range(1, height + 1) if height % r == 0 and r * width <= pixels] or [1])
+
+
+def _weight_grad_chunked(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
+                         rows: int | None = None) -> jnp.ndarray:
+  """_weight_grad_taps as one (T*Cin, P_chunk) x (P_chunk, Cout) product per chunk of rows.
+
+  XLA:CPU ran the nine (Cin, P) x (P, Cout) products at a third of its GEMM speed (a long
+  contraction into a 64x64 output); the unfolded, kernel-weighted input of a chunk of
+  about 4096 pixels (channel-first, so the contraction runs along contiguous memory)
+  makes one wide product instead. Only one chunk is unfolded at a time, never the input.
+  """
+  n, height, width, cout = g.shape
+  ntaps, cin = k.shape[3], x_pad.shape[3]
+  ksize, acc = math.isqrt(ntaps), _acc_dtype(x_pad.dtype)
+  rows = rows or _chunk_rows(height, width)
+  x_cf, k_cf = jnp.transpose(x_pad, (0, 3, 1, 2)), jnp.transpose(k, (0, 3, 1, 2))
+  per_image = height // rows
+
+  def chunk(i, dw):
+    img, top = i // per_image, (i % per_image) * rows
+    xs = jax.lax.dynamic_slice(x_cf, (img, 0, top, 0), (1, cin, rows + ksize - 1, x_cf.shape[3]))[0]
+    ks = jax.lax.dynamic_slice(k_cf, (img, 0, top, 0), (1, ntaps, rows, width))[0]
+    gs = jax.lax.dynamic_slice(g, (img, top, 0, 0), (1, rows, width, cout)).reshape(-1, cout)
+    cols = jnp.concatenate([xs[:, dy:dy + rows, dx:dx + width] * ks[t] for t, dy, dx in
+                            ((t, *divmod(t, ksize)) for t in range(ntaps))], axis=0)
+    return dw + jnp.matmul(cols.reshape(ntaps * cin, -1), gs, preferred_element_type=acc)
+
+  dw = jax.lax.fori_loop(0, n * per_image, chunk, jnp.zeros((ntaps * cin, cout), acc))
+  return dw.reshape(ntaps, cin, cout)
 
 
 pac_conv_fused.defvjp(_fused_fwd, _fused_bwd)
