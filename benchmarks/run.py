@@ -46,20 +46,24 @@ def _peak_device_memory_gib() -> float | None:
 
 
 def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
-  """Mean seconds per call over `iters` back-to-back calls after two warm-up calls."""
+  """Median seconds per call over `iters` calls (each waited for) after two warm-up calls.
+
+  The median, not the mean: this VM has slow spells that stretch single steps by 10-50%.
+  """
   import jax
   for _ in range(2):
     out = fn(*args)
     if thread_state:
       args = [out[0], out[1], *args[2:]]
   jax.block_until_ready(out)
-  t = time.perf_counter()
+  times = []
   for _ in range(iters):
-    out = fn(*args)
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
     if thread_state:
       args = [out[0], out[1], *args[2:]]
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / iters
+  return sorted(times)[len(times) // 2]
 
 
 def _adam():
