@@ -266,37 +266,37 @@ def _weight_grad_taps(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray) -> jnp
                                g2, preferred_element_type=_acc_dtype(x_pad.dtype)) for t in range(ntaps)])
 
 
-def _chunk_rows(height: int, width: int, pixels: int = 4096) -> int:
-  """The most image rows (a divisor of height) whose pixels fit one chunk, at least 1."""
-  return max([r for r in range(1, height + 1) if height % r == 0 and r * width <= pixels] or [1])
+def _chunk_rows(height: int, row_pixels: int, pixels: int = 4096) -> int:
+  """The most rows (a divisor of height) of row_pixels each that fit one chunk, at least 1."""
+  return max([r for r in range(1, height + 1) if height % r == 0 and r * row_pixels <= pixels] or [1])
 
 
 def _weight_grad_chunked(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
                          rows: int | None = None) -> jnp.ndarray:
-  """_weight_grad_taps as one (T*Cin, P_chunk) x (P_chunk, Cout) product per chunk of rows.
+  """_weight_grad_taps as one (T*Cin, P_chunk) x (P_chunk, Cout) product per band of rows.
 
   XLA:CPU ran the nine (Cin, P) x (P, Cout) products at a third of its GEMM speed (a long
-  contraction into a 64x64 output); the unfolded, kernel-weighted input of a chunk of
-  about 4096 pixels (channel-first, so the contraction runs along contiguous memory)
-  makes one wide product instead. Only one chunk is unfolded at a time, never the input.
+  contraction into a 64x64 output); the unfolded, kernel-weighted input of a band of rows
+  of every image (about 4096 pixels, channel-first so the contraction runs along contiguous
+  memory) makes one wide product instead. Only one band is unfolded at a time, and bands
+  span the whole batch, so a batch sharded across devices stays where it is.
   """
   n, height, width, cout = g.shape
   ntaps, cin = k.shape[3], x_pad.shape[3]
   ksize, acc = math.isqrt(ntaps), _acc_dtype(x_pad.dtype)
-  rows = rows or _chunk_rows(height, width)
-  x_cf, k_cf = jnp.transpose(x_pad, (0, 3, 1, 2)), jnp.transpose(k, (0, 3, 1, 2))
-  per_image = height // rows
+  rows = rows or _chunk_rows(height, n * width)
+  x_cf, k_cf = jnp.transpose(x_pad, (3, 0, 1, 2)), jnp.transpose(k, (3, 0, 1, 2))
 
-  def chunk(i, dw):
-    img, top = i // per_image, (i % per_image) * rows
-    xs = jax.lax.dynamic_slice(x_cf, (img, 0, top, 0), (1, cin, rows + ksize - 1, x_cf.shape[3]))[0]
-    ks = jax.lax.dynamic_slice(k_cf, (img, 0, top, 0), (1, ntaps, rows, width))[0]
-    gs = jax.lax.dynamic_slice(g, (img, top, 0, 0), (1, rows, width, cout)).reshape(-1, cout)
-    cols = jnp.concatenate([xs[:, dy:dy + rows, dx:dx + width] * ks[t] for t, dy, dx in
+  def band(i, dw):
+    top = i * rows
+    xs = jax.lax.dynamic_slice(x_cf, (0, 0, top, 0), (cin, n, rows + ksize - 1, x_cf.shape[3]))
+    ks = jax.lax.dynamic_slice(k_cf, (0, 0, top, 0), (ntaps, n, rows, width))
+    gs = jax.lax.dynamic_slice(g, (0, top, 0, 0), (n, rows, width, cout)).reshape(-1, cout)
+    cols = jnp.concatenate([xs[:, :, dy:dy + rows, dx:dx + width] * ks[t] for t, dy, dx in
                             ((t, *divmod(t, ksize)) for t in range(ntaps))], axis=0)
     return dw + jnp.matmul(cols.reshape(ntaps * cin, -1), gs, preferred_element_type=acc)
 
-  dw = jax.lax.fori_loop(0, n * per_image, chunk, jnp.zeros((ntaps * cin, cout), acc))
+  dw = jax.lax.fori_loop(0, height // rows, band, jnp.zeros((ntaps * cin, cout), acc))
   return dw.reshape(ntaps, cin, cout)
 
 
