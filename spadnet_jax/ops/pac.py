@@ -215,7 +215,8 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
                    b: jnp.ndarray | None = None) -> jnp.ndarray:
   """PAC as a loop over taps of kernel-weighted 1x1 products, with a hand-written gradient.
 
-  Forward: out += (x_t * k_t) @ w_t for each tap, x_t a slice of one padded copy of x.
+  Forward: out += k_t * (x_t @ w_t) for each tap, the product taken over one padded copy
+  of x and sliced after (a contiguous operand: no per-tap copy of x, 6% more rows at 64x64).
   Backward, per tap: G = dout @ w_t^T; dk_t = sum_c x_t * G; dx_t += k_t * G;
   dw_t = (x_t * k_t)^T @ dout (on CPU for all taps at once, chunk by chunk). Only
   (x, k, w) are kept for the backward pass and one tap's (or chunk's) temporaries are
@@ -223,12 +224,13 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   """
   ksize, acc = w.shape[0], _acc_dtype(x.dtype)
   x_pad, wt = _pad_window(x, ksize), jnp.asarray(w).reshape(ksize * ksize, *w.shape[2:])
+  out_shape = x.shape[:3] + w.shape[3:]
 
-  def tap(t, out):
-    xk = _tap_slice(x_pad, t, ksize, x.shape) * jax.lax.dynamic_slice_in_dim(k, t, 1, 3)
-    return out + jnp.einsum("nhwc,co->nhwo", xk, wt[t], preferred_element_type=acc)
+  def tap(t, out):                  # k_t scales rows, so it applies after the product
+    y = jnp.einsum("nhwc,co->nhwo", x_pad, wt[t], preferred_element_type=acc)
+    return out + _tap_slice(y, t, ksize, out_shape) * jax.lax.dynamic_slice_in_dim(k, t, 1, 3)
 
-  out = _for_each_tap(ksize * ksize, tap, jnp.zeros(x.shape[:3] + w.shape[3:], acc))
+  out = _for_each_tap(ksize * ksize, tap, jnp.zeros(out_shape, acc))
   return (out if b is None else out + b).astype(x.dtype)
 
 
