@@ -168,8 +168,8 @@ def test_squared_distances_5x5_window_matches_loop(rng):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 6])
-def test_chunked_weight_gradient_matches_per_tap_products(rng, rows):
-  """The CPU weight gradient (unfolded chunk by chunk of rows) equals the per-tap products."""
+def test_banded_weight_gradient_matches_per_tap_products(rng, rows):
+  """The CPU weight gradient (unfolded band by band of rows) equals the per-tap products."""
   from spadnet_jax.ops import pac
   x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)).astype(np.float32))
   k = jnp.asarray(rng.uniform(size=(2, 6, 5, 9)).astype(np.float32))
@@ -177,13 +177,13 @@ def test_chunked_weight_gradient_matches_per_tap_products(rng, rows):
   x_pad = pac._pad_window(x, 3)
   ref = np.einsum("nhwtc,nhwt,nhwo->tco", np.asarray(ops.unfold(x)), k, g)
   np.testing.assert_allclose(pac._weight_grad_taps(x_pad, k, g), ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(pac._weight_grad_chunked(x_pad, k, g, rows), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(pac._weight_grad_banded(x_pad, k, g, rows), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_chunk_rows_make_bands_of_about_4096_pixels():
+def test_band_rows_make_bands_of_about_4096_pixels():
   from spadnet_jax.ops import pac
   # (image height, pixels per row of the whole batch): batch 8 at 64x64, 128x128, 16x16...
-  assert [pac._chunk_rows(h, p) for h, p in [(64, 512), (128, 1024), (16, 128), (5, 6), (7, 5000)]] == [
+  assert [pac._band_rows(h, p) for h, p in [(64, 512), (128, 1024), (16, 128), (5, 6), (7, 5000)]] == [
       8, 4, 16, 5, 1]
 
 

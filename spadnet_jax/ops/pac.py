@@ -103,10 +103,18 @@ def _for_each_tap(ntaps: int, body: Callable, init: Any) -> Any:
                       functools.partial(_unrolled_taps, ntaps, body), init)
 
 
-def _half_taps(ksize: int) -> tuple[int, int]:
-  """(centre tap, number of taps after it). Tap T-1-t is the mirror of tap t: off = -off(t)."""
+def _wide_grid(h: jnp.ndarray, ksize: int) -> tuple[jnp.ndarray, tuple[int, ...]]:
+  """h zero-padded by a whole window (2r), and the shape of its once-padded pixel grid q."""
+  r = ksize // 2
+  h_wide = jnp.pad(h, ((0, 0), (2 * r, 2 * r), (2 * r, 2 * r), (0, 0)))
+  return h_wide, (h.shape[0], h.shape[1] + 2 * r, h.shape[2] + 2 * r, h.shape[3])
+
+
+def _pair_diff(h_wide: jnp.ndarray, t: jnp.ndarray, ksize: int, grid: tuple[int, ...]) -> jnp.ndarray:
+  """h(q + off(t)) - h(q) over the grid, in float32 or wider: shared by tap t and its mirror."""
   centre = ksize * ksize // 2
-  return centre, centre
+  return (_tap_slice(h_wide, t, ksize, grid) - _tap_slice(h_wide, centre, ksize, grid)).astype(
+      _acc_dtype(h_wide.dtype))
 
 
 def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
@@ -116,22 +124,19 @@ def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   the centre are computed, each on a grid one window wider, and the mirror taps are
   slices of the same map: bitwise the per-tap result at 4/9 of the work (the centre is 0).
   """
-  r, acc = ksize // 2, _acc_dtype(h.dtype)
-  centre, nhalf = _half_taps(ksize)
-  h_wide = jnp.pad(h, ((0, 0), (2 * r, 2 * r), (2 * r, 2 * r), (0, 0)))
-  grid = (h.shape[0], h.shape[1] + 2 * r, h.shape[2] + 2 * r)   # the padded pixels q
+  centre = ksize * ksize // 2     # also the number of taps after the centre
+  h_wide, grid = _wide_grid(h, ksize)
   out = h.shape[:3] + (1,)
 
   def pair(j, d):                   # E[q] = |h(q + off(t)) - h(q)|^2 on the padded grid
     t = centre + 1 + j
-    diff = (_tap_slice(h_wide, t, ksize, grid + h.shape[3:])
-            - _tap_slice(h_wide, centre, ksize, grid + h.shape[3:])).astype(acc)
+    diff = _pair_diff(h_wide, t, ksize, grid)
     e = jnp.sum(diff * diff, -1, keepdims=True)
     d = jax.lax.dynamic_update_slice_in_dim(d, _tap_slice(e, centre, ksize, out), t, 3)
     return jax.lax.dynamic_update_slice_in_dim(d, _tap_slice(e, 2 * centre - t, ksize, out),
                                                2 * centre - t, 3)
 
-  return _for_each_tap(nhalf, pair, jnp.zeros(h.shape[:3] + (ksize * ksize,), acc))
+  return _for_each_tap(centre, pair, jnp.zeros(h.shape[:3] + (ksize * ksize,), _acc_dtype(h.dtype)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -152,21 +157,18 @@ def _gaussian_fwd(h, ksize):
 def _gaussian_bwd(ksize, res, dk):
   h, k = after(res, dk)           # recompute the differences; keep no forward copy alive
   a = dk * k                       # d k_t / d dist_t = -0.5 k_t; d dist_t / d h = +-2 diff
-  r, acc = ksize // 2, _acc_dtype(h.dtype)
-  centre, nhalf = _half_taps(ksize)
-  h_wide = jnp.pad(h, ((0, 0), (2 * r, 2 * r), (2 * r, 2 * r), (0, 0)))
-  grid = (h.shape[0], h.shape[1] + 2 * r, h.shape[2] + 2 * r)
+  acc, centre = _acc_dtype(h.dtype), ksize * ksize // 2
+  h_wide, grid = _wide_grid(h, ksize)
+  grid1 = grid[:3] + (1,)
 
   def pair(j, dh_wide):             # both taps of a mirror pair share E[q]'s difference
     t = centre + 1 + j
-    a_e = _tap_add(jnp.zeros(grid + (1,), acc), centre, ksize, jax.lax.dynamic_slice_in_dim(a, t, 1, 3))
+    a_e = _tap_add(jnp.zeros(grid1, acc), centre, ksize, jax.lax.dynamic_slice_in_dim(a, t, 1, 3))
     a_e = _tap_add(a_e, 2 * centre - t, ksize, jax.lax.dynamic_slice_in_dim(a, 2 * centre - t, 1, 3))
-    diff = (_tap_slice(h_wide, t, ksize, grid + h.shape[3:])
-            - _tap_slice(h_wide, centre, ksize, grid + h.shape[3:])).astype(acc)
-    term = a_e * diff               # +term at q, -term at q + off(t)
+    term = a_e * _pair_diff(h_wide, t, ksize, grid)   # +term at q, -term at q + off(t)
     return _tap_add(_tap_add(dh_wide, centre, ksize, term), t, ksize, -term)
 
-  dh_wide = _for_each_tap(nhalf, pair, after(jnp.zeros(h_wide.shape, acc), dk))
+  dh_wide = _for_each_tap(centre, pair, after(jnp.zeros(h_wide.shape, acc), dk))
   return (_crop_window(_crop_window(dh_wide, ksize), ksize).astype(h.dtype),)
 
 
@@ -218,8 +220,8 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   Forward: out += k_t * (x_t @ w_t) for each tap, the product taken over one padded copy
   of x and sliced after (a contiguous operand: no per-tap copy of x, 6% more rows at 64x64).
   Backward, per tap: G = dout @ w_t^T; dk_t = sum_c x_t * G; dx_t += k_t * G;
-  dw_t = (x_t * k_t)^T @ dout (on CPU for all taps at once, chunk by chunk). Only
-  (x, k, w) are kept for the backward pass and one tap's (or chunk's) temporaries are
+  dw_t = (x_t * k_t)^T @ dout (on CPU for all taps at once, band of rows by band). Only
+  (x, k, w) are kept for the backward pass and one tap's (or band's) temporaries are
   alive at a time. The default of the models.
   """
   ksize, acc = w.shape[0], _acc_dtype(x.dtype)
@@ -253,7 +255,7 @@ def _fused_bwd(res, g):
 
   init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc)), g)
   dx_pad, dk = _for_each_tap(ksize * ksize, tap, init)
-  dw = _by_platform(_weight_grad_chunked, _weight_grad_taps, x_pad, k, g)
+  dw = _by_platform(_weight_grad_banded, _weight_grad_taps, x_pad, k, g)
   db = None if b is None else jnp.sum(g.reshape(-1, g.shape[-1]), axis=0, dtype=acc).astype(b.dtype)
   return (_crop_window(dx_pad, ksize).astype(x.dtype), dk.astype(k.dtype),
           dw.reshape(w.shape).astype(w.dtype), db)
@@ -268,14 +270,14 @@ def _weight_grad_taps(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray) -> jnp
                                g2, preferred_element_type=_acc_dtype(x_pad.dtype)) for t in range(ntaps)])
 
 
-def _chunk_rows(height: int, row_pixels: int, pixels: int = 4096) -> int:
-  """The most rows (a divisor of height) of row_pixels each that fit one chunk, at least 1."""
+def _band_rows(height: int, row_pixels: int, pixels: int = 4096) -> int:
+  """The most rows (a divisor of height) of row_pixels each that fit one band, at least 1."""
   return max([r for r in range(1, height + 1) if height % r == 0 and r * row_pixels <= pixels] or [1])
 
 
-def _weight_grad_chunked(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
+def _weight_grad_banded(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
                          rows: int | None = None) -> jnp.ndarray:
-  """_weight_grad_taps as one (T*Cin, P_chunk) x (P_chunk, Cout) product per band of rows.
+  """_weight_grad_taps as one (T*Cin, P_band) x (P_band, Cout) product per band of rows.
 
   XLA:CPU ran the nine (Cin, P) x (P, Cout) products at a third of its GEMM speed (a long
   contraction into a 64x64 output); the unfolded, kernel-weighted input of a band of rows
@@ -286,7 +288,7 @@ def _weight_grad_chunked(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
   n, height, width, cout = g.shape
   ntaps, cin = k.shape[3], x_pad.shape[3]
   ksize, acc = math.isqrt(ntaps), _acc_dtype(x_pad.dtype)
-  rows = rows or _chunk_rows(height, n * width)
+  rows = rows or _band_rows(height, n * width)
   x_cf, k_cf = jnp.transpose(x_pad, (3, 0, 1, 2)), jnp.transpose(k, (3, 0, 1, 2))
 
   def band(i, dw):
