@@ -1,4 +1,8 @@
 """PAC (LSAC) kernels and convolution against NumPy loops, lax.conv and finite differences."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,9 +214,6 @@ print("ok")
 
 def test_fused_gradient_keeps_a_batch_sharded_over_devices_in_place():
   """8 simulated CPU devices, batch-sharded: right gradients, and no device gathers the batch."""
-  import os
-  import subprocess
-  import sys
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   out = subprocess.run([sys.executable, "-c", _SHARDED_PAC], capture_output=True, text=True, env=env,
                        timeout=300)
