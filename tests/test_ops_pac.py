@@ -154,6 +154,14 @@ def test_unrolled_tap_path_of_accelerators_matches(data, monkeypatch):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
   np.testing.assert_allclose(ops.gaussian_kernel(h), _kernel_loop(np.asarray(h), lambda d: np.exp(-0.5 * d)),
                              rtol=1e-5, atol=1e-6)
+  # No bias, bfloat16: the accelerators' backward keeps the inputs' dtypes and shapes.
+  k = ops.gaussian_kernel(h)
+  grads = jax.grad(lambda *a: jnp.sum(ops.pac_conv_fused(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2))(
+      *(a.astype(jnp.bfloat16) for a in (x, k, w)))
+  assert [(g.shape, g.dtype) for g in grads] == [(a.shape, jnp.bfloat16) for a in (x, k, w)]
+  ref = jax.grad(lambda *a: jnp.sum(ops.pac_conv_einsum(*a) ** 2), argnums=(0, 1, 2))(x, k, w)
+  for a, r in zip(grads, ref):
+    np.testing.assert_allclose(np.asarray(a, np.float32), r, rtol=5e-2, atol=3e-2 * float(jnp.abs(r).max()))
 
 
 def test_squared_distances_5x5_window_matches_loop(rng):
