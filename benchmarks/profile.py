@@ -1,12 +1,15 @@
 """Where a step's device time goes: trace a few steps and rank HLO ops and model layers.
 
     python -m benchmarks.profile [--case train|inference] [--batch 64] [--dtype bfloat16]
-                                 [--remat none] [--pac_impl fused] [--steps 3] [--dir DIR]
+                                 [--remat none] [--pac_impl auto] [--steps 3] [--dir DIR]
 
 Traces `steps` compiled steps with jax.profiler, reads the trace's device events (GPU
 streams; XLA:CPU's thunks on a CPU), and prints two tables: the HLO ops that took the
 most time and the time per model layer type (forward and backward apart, block indices
 merged: 'stage3_hab#/lsac'). The trace and the compiled HLO stay in DIR for a closer look.
+XLA:GPU compiles identical fusions once and names the kernel after the first of them, so
+such a kernel's time lands on that first op's layer: read the layer table as a guide and
+the totals (device busy over the traced span) as the measurement.
 """
 from __future__ import annotations
 
@@ -128,7 +131,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", default="none")
-  p.add_argument("--pac_impl", default="fused")
+  p.add_argument("--pac_impl", default="auto")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--dir", default="/tmp/spadnet_profile", help="where the trace and HLO go")

@@ -244,7 +244,7 @@ def main() -> None:
   p.add_argument("--iters", type=int, default=None, help="timed iterations per case")
   p.add_argument("--json", default=None, help="also write the records to this file")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--pac_impl", default="fused")
+  p.add_argument("--pac_impl", default="auto")
   p.add_argument("--remat", default="none", help="SPADNet.remat for the train case")
   p.add_argument("--batches", type=int, nargs="+", default=None,
                  help="default: 8 for train, 1 and 8 for inference")

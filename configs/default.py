@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       scale=8, n_feats=16, number=2, hab_num=-1, reduction=4,   # hab_num -1: number - 1
-      pac_kernel="gaussian", pac_impl="fused", gsac_gate="official", use_lsac=True,
+      pac_kernel="gaussian", pac_impl="auto", gsac_gate="official", use_lsac=True,
       use_gsac=True, heatmap_branch=True, remat="none", dtype="float32"))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -22,7 +22,7 @@ def run(cfg: ml_collections.ConfigDict, source: str, step: int | None, out_root:
   """Evaluate checkpoint `source` on `split`; results go to out_root/eval/<step>/."""
   mesh = sharding.make_mesh(1)
   model, variables, step = checkpoint.load_model(source, step, shardings=sharding.replicated(mesh),
-                                                 pac_impl=cfg.model.get("pac_impl", "fused"))
+                                                 pac_impl=cfg.model.get("pac_impl", "auto"))
   batch_size -= batch_size % mesh.size
   if batch_size < mesh.size:
     raise ValueError(f"eval batch size must be at least the {mesh.size} devices")

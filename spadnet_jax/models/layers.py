@@ -60,7 +60,7 @@ class PacConv(nn.Module):
   """
   features: int
   kernel_type: str = "gaussian"
-  impl: str = "fused"
+  impl: str = "auto"
   inv_alpha: float = 0.0
   inv_lambda: float = -1.0
   dtype: Dtype = jnp.float32
@@ -90,7 +90,7 @@ class HAB(nn.Module):
   (ablations); with both off the fusion sees s alone.
   """
   pac_kernel: str = "gaussian"
-  pac_impl: str = "fused"
+  pac_impl: str = "auto"
   gsac_gate: str = "official"
   use_lsac: bool = True
   use_gsac: bool = True

@@ -31,8 +31,9 @@ class SPADNet(nn.Module):
     hab_num: heatmap attention blocks per stage (default number - 1, official); HAB i
       follows RCAB i.
     pac_kernel: 'gaussian' (official) or 'inverse' (PAC paper's inverse-distance kernel).
-    pac_impl: PAC formulation from ops.PAC_IMPLS ('fused' default and fastest, 'einsum'
-      the straightforward reference, 'shifted').
+    pac_impl: PAC formulation from ops.PAC_IMPLS ('auto' default: the fastest measured per
+      platform, 'fused' on CPU and 'einsum' on accelerators; 'einsum' the straightforward
+      reference; 'fused', 'shifted').
     gsac_gate: 'official' (repeat+reshape layout) or 'channel' (per-channel broadcast).
     use_lsac, use_gsac: ablate either dynamic path of every HAB.
     heatmap_branch: without it, HABs are guided by the SR features themselves and no
@@ -50,7 +51,7 @@ class SPADNet(nn.Module):
   hab_num: int | None = None
   reduction: int = 16
   pac_kernel: str = "gaussian"
-  pac_impl: str = "fused"
+  pac_impl: str = "auto"
   gsac_gate: str = "official"
   use_lsac: bool = True
   use_gsac: bool = True

@@ -223,8 +223,8 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   dk_t = sum_c x_t * G; dx_t += k_t * G; dw_t = (x_t * k_t)^T @ dout (for all taps at
   once, band of rows by band), one tap's (or band's) temporaries alive at a time. On GPUs
   and TPUs the backward pass is the einsum reference's: one wide dout @ w^T for all taps
-  instead of nine narrow products (measured on an H100, benchmarks/run.py). The default
-  of the models.
+  instead of nine narrow products (4.9x -> 3.9x a conv's time on an H100). The
+  models' default on CPU (pac_conv_auto).
   """
   ksize, acc = w.shape[0], _acc_dtype(x.dtype)
   x_pad, wt = _pad_window(x, ksize), jnp.asarray(w).reshape(ksize * ksize, *w.shape[2:])
@@ -255,7 +255,7 @@ def _fused_bwd_unfolded(res, g):
 
 
 def _fused_bwd_taps(res, g):
-  """The CPU backward pass: a loop over taps (see pac_conv_fused)."""
+  """The CPU backward pass: a loop over taps, the weight gradient band by band."""
   x, k, w, b = res
   x, k, w = after((x, k, w), g)   # recompute x_t * k_t; keep no forward copy alive
   ksize, acc = w.shape[0], _acc_dtype(x.dtype)
@@ -270,19 +270,10 @@ def _fused_bwd_taps(res, g):
 
   init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc)), g)
   dx_pad, dk = _for_each_tap(ksize * ksize, tap, init)
-  dw = _by_platform(_weight_grad_banded, _weight_grad_taps, x_pad, k, g)
+  dw = _weight_grad_banded(x_pad, k, g)
   db = None if b is None else jnp.sum(g.reshape(-1, g.shape[-1]), axis=0, dtype=acc).astype(b.dtype)
   return (_crop_window(dx_pad, ksize).astype(x.dtype), dk.astype(k.dtype),
           dw.reshape(w.shape).astype(w.dtype), db)
-
-
-def _weight_grad_taps(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
-  """dw[t] = (x_t * k_t)^T @ dout, one (Cin, P) x (P, Cout) product per tap: (T, Cin, Cout)."""
-  ntaps, cin = k.shape[3], x_pad.shape[3]
-  ksize, g2 = math.isqrt(ntaps), g.reshape(-1, g.shape[-1])
-  shape = g.shape[:3] + (cin,)
-  return jnp.stack([jnp.matmul((_tap_slice(x_pad, t, ksize, shape) * k[..., t:t + 1]).reshape(-1, cin).T,
-                               g2, preferred_element_type=_acc_dtype(x_pad.dtype)) for t in range(ntaps)])
 
 
 def _band_rows(height: int, row_pixels: int, pixels: int = 4096) -> int:
@@ -292,7 +283,7 @@ def _band_rows(height: int, row_pixels: int, pixels: int = 4096) -> int:
 
 def _weight_grad_banded(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
                          rows: int | None = None) -> jnp.ndarray:
-  """_weight_grad_taps as one (T*Cin, P_band) x (P_band, Cout) product per band of rows.
+  """dw[t] = (x_t * k_t)^T @ dout as one (T*Cin, P_band) x (P_band, Cout) product per band of rows.
 
   XLA:CPU ran the nine (Cin, P) x (P, Cout) products at a third of its GEMM speed (a long
   contraction into a 64x64 output); the unfolded, kernel-weighted input of a band of rows
@@ -322,12 +313,26 @@ def _weight_grad_banded(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
 pac_conv_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def pac_conv_auto(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
+                  b: jnp.ndarray | None = None) -> jnp.ndarray:
+  """The fastest measured formulation per platform: 'fused' on CPU, 'einsum' on GPUs and TPUs.
+
+  benchmarks/run.py --cases pac (64x64x64, forward + backward, time over a plain conv's):
+  on the 2-core CPU, fused 2.0x and einsum 3.0x (with 4x fused's memory); on an H100 (bf16,
+  batch 64), einsum 2.8x and fused 3.9x: there fused's nine narrow products (64 output
+  columns each) and its recomputation of the unfolded input in the backward pass cost more
+  than einsum's 9x copy, and memory is not what limits the layer. The models' default.
+  """
+  return _by_platform(pac_conv_fused, pac_conv_einsum, x, k, w, b)
+
+
 KERNELS: dict[str, Callable[..., jnp.ndarray]] = {
     "gaussian": gaussian_kernel,
     "inverse": inverse_kernel,
 }
 
 PAC_IMPLS: dict[str, Callable[..., jnp.ndarray]] = {
+    "auto": pac_conv_auto,
     "einsum": pac_conv_einsum,
     "shifted": pac_conv_shifted,
     "fused": pac_conv_fused,
