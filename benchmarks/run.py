@@ -29,9 +29,16 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0},
 
 
 def _flops(fn, specs) -> float:
-  """XLA's FLOP count of fn, lowered for CPU: the same model FLOPs on every device."""
+  """XLA's FLOP count of fn, lowered for the CPU: the same model FLOPs on every device.
+
+  The specs are placed on the CPU device: a CPU lowering made for a GPU backend got no
+  cost analysis from a plugin (PJRT C API) backend (jax 0.11 on an H100: NaN).
+  """
   import jax
-  cost = jax.jit(fn).trace(*specs).lower(lowering_platforms=("cpu",)).cost_analysis()
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  specs = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), specs)
+  lowered = jax.jit(fn).trace(*specs).lower()
+  cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
