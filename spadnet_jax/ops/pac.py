@@ -269,7 +269,7 @@ def _fused_bwd_taps(res, g):
     return _tap_add(dx_pad, t, ksize, kt * grad_in), jax.lax.dynamic_update_slice_in_dim(dk, dk_t, t, 3)
 
   init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc)), g)
-  dx_pad, dk = _for_each_tap(ksize * ksize, tap, init)
+  dx_pad, dk = _looped_taps(ksize * ksize, tap, init)    # this pass runs on CPU only
   dw = _weight_grad_banded(x_pad, k, g)
   db = None if b is None else jnp.sum(g.reshape(-1, g.shape[-1]), axis=0, dtype=acc).astype(b.dtype)
   return (_crop_window(dx_pad, ksize).astype(x.dtype), dk.astype(k.dtype),
