@@ -26,6 +26,7 @@ _INSTRUCTION = re.compile(r'^\s+(ROOT\s+)?%?([\w.\-]+) = ')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
 _BLOCK_INDEX = re.compile(r"(_sr|_hm|_hab)\d+")
+_XLA_KERNEL = re.compile(r"[a-z_\-]*(fusion|convert|copy|slice|transpose|reduce|concatenate|broadcast)[\w\-]*")
 
 
 def layer_of(op_name: str) -> str:
@@ -74,7 +75,7 @@ def _op_of(event: dict) -> str:
   its fusion ('loop_add_fusion_3' for loop_add_fusion.3); library kernels keep the buffer.
   """
   op = event.get("args", {}).get("hlo_op", event["name"])
-  if op.startswith("command_buffer") and re.fullmatch(r"[a-z_\-]*(fusion|convert|copy|slice|transpose|reduce|concatenate|broadcast)[\w\-]*", event["name"]):
+  if op.startswith("command_buffer") and _XLA_KERNEL.fullmatch(event["name"]):
     return re.sub(r"_(\d+)$", r".\1", event["name"])
   return op
 
