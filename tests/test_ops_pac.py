@@ -148,7 +148,7 @@ def test_unrolled_tap_path_of_accelerators_matches(data, monkeypatch):
   loss = lambda impl: (lambda x, h, w, b: jnp.sum(jnp.sin(ops.pac_conv(x, ops.gaussian_kernel(h), w, b,
                                                                        impl=impl))))
   ref = jax.grad(loss("fused"), argnums=(0, 1, 2, 3))(x, h, w, b)
-  monkeypatch.setattr(pac, "_by_platform", lambda cpu, default, *args: default(*args))
+  monkeypatch.setattr(pac, "by_platform", lambda cpu, default, *args: default(*args))
   for impl in ("fused", "auto"):
     got = jax.grad(loss(impl), argnums=(0, 1, 2, 3))(x, h, w, b)
     for a, r in zip(got, ref):

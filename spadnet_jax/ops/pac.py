@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from spadnet_jax.ops.conv import channel_sum
 from spadnet_jax.ops.ordering import after
+from spadnet_jax.ops.platform import by_platform
 
 
 def window_offsets(ksize: int) -> Iterator[tuple[int, int, int]]:
@@ -87,11 +89,6 @@ def _looped_taps(ntaps: int, body: Callable, init: Any) -> Any:
   return jax.lax.fori_loop(0, ntaps, body, init)
 
 
-def _by_platform(cpu: Callable, default: Callable, *args: Any) -> Any:
-  """cpu(*args) when compiling for XLA:CPU, default(*args) for GPUs and TPUs."""
-  return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
-
-
 def _for_each_tap(ntaps: int, body: Callable, init: Any) -> Any:
   """carry = body(t, carry) for t in range(ntaps): a lax.fori_loop on CPU, unrolled elsewhere.
 
@@ -99,8 +96,8 @@ def _for_each_tap(ntaps: int, body: Callable, init: Any) -> Any:
   nine concurrently, 3x slower and with several times the memory. On a GPU the unrolled
   taps ran 1.75x faster (a while loop there syncs with the host every iteration).
   """
-  return _by_platform(functools.partial(_looped_taps, ntaps, body),
-                      functools.partial(_unrolled_taps, ntaps, body), init)
+  return by_platform(functools.partial(_looped_taps, ntaps, body),
+                     functools.partial(_unrolled_taps, ntaps, body), init)
 
 
 def _wide_grid(h: jnp.ndarray, ksize: int) -> tuple[jnp.ndarray, tuple[int, ...]]:
@@ -243,7 +240,7 @@ def _fused_fwd(x, k, w, b):
 
 
 def _fused_bwd(res, g):
-  return _by_platform(_fused_bwd_taps, _fused_bwd_unfolded, res, g)
+  return by_platform(_fused_bwd_taps, _fused_bwd_unfolded, res, g)
 
 
 def _fused_bwd_unfolded(res, g):
@@ -271,7 +268,7 @@ def _fused_bwd_taps(res, g):
   init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc)), g)
   dx_pad, dk = _looped_taps(ksize * ksize, tap, init)    # this pass runs on CPU only
   dw = _weight_grad_banded(x_pad, k, g)
-  db = None if b is None else jnp.sum(g.reshape(-1, g.shape[-1]), axis=0, dtype=acc).astype(b.dtype)
+  db = None if b is None else channel_sum(g).astype(b.dtype)
   return (_crop_window(dx_pad, ksize).astype(x.dtype), dk.astype(k.dtype),
           dw.reshape(w.shape).astype(w.dtype), db)
 
@@ -323,7 +320,7 @@ def pac_conv_auto(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   columns each) and its recomputation of the unfolded input in the backward pass cost more
   than einsum's 9x copy, and memory is not what limits the layer. The models' default.
   """
-  return _by_platform(pac_conv_fused, pac_conv_einsum, x, k, w, b)
+  return by_platform(pac_conv_fused, pac_conv_einsum, x, k, w, b)
 
 
 KERNELS: dict[str, Callable[..., jnp.ndarray]] = {
