@@ -45,6 +45,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir and not FLAGS.checkpoint:
     raise app.UsageError("give --workdir or --checkpoint")
+  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   distributed.initialize_from_flags()
   from spadnet_jax import evaluate_lib  # after jax.distributed.initialize

@@ -18,6 +18,7 @@ distributed.define_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   distributed.initialize_from_flags()
   from spadnet_jax import trainer  # after jax.distributed.initialize

@@ -138,6 +138,7 @@ def main() -> None:
   p.add_argument("--dir", default="/tmp/spadnet_profile", help="where the trace and HLO go")
   args = p.parse_args()
   from spadnet_jax import platform
+  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   import jax
   import jax.numpy as jnp

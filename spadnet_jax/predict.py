@@ -101,6 +101,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8)
 
 def main(argv: list[str]) -> int:
   from spadnet_jax import platform  # pylint: disable=import-outside-toplevel
+  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   p = argparse.ArgumentParser(prog="python -m spadnet_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
