@@ -28,7 +28,7 @@ def test_bias_add_gradient_on_both_platform_branches(branch, monkeypatch):
 
 
 def test_channel_sum_accumulates_bfloat16_in_float32():
-  g = jnp.full((64, 64, 4), 1.0 + 2**-7, jnp.bfloat16)   # 4096 terms: a bfloat16 sum would stall at 256
+  g = jnp.full((64, 64, 4), 1.0 + 2**-7, jnp.bfloat16)   # 4096 terms: a running bfloat16 sum stops at 512
   s = ops.channel_sum(g)
   assert s.dtype == jnp.float32
   np.testing.assert_allclose(s, np.full(4, 4096 * (1 + 2**-7)), rtol=1e-6)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spadnet_jax.ops.platform import by_platform
+from spadnet_jax.ops.dispatch import by_platform
 
 
 def _sum_by_matmul(g: jnp.ndarray, acc: jnp.dtype) -> jnp.ndarray:

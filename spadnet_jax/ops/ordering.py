@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 
+from spadnet_jax.ops.dispatch import by_platform
+
 
 def after(tree: Any, cotangent: Any) -> Any:
   """`tree` unchanged, as new values that exist only once `cotangent` does."""
@@ -25,4 +27,4 @@ def after(tree: Any, cotangent: Any) -> Any:
   def with_barrier(tree, cotangent):
     return jax.lax.optimization_barrier((tree, cotangent))[0]
 
-  return jax.lax.platform_dependent(tree, cotangent, cpu=on_cpu, default=with_barrier)
+  return by_platform(on_cpu, with_barrier, tree, cotangent)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from spadnet_jax.ops.conv import channel_sum
 from spadnet_jax.ops.ordering import after
-from spadnet_jax.ops.platform import by_platform
+from spadnet_jax.ops.dispatch import by_platform
 
 
 def window_offsets(ksize: int) -> Iterator[tuple[int, int, int]]:
