@@ -45,7 +45,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir and not FLAGS.checkpoint:
     raise app.UsageError("give --workdir or --checkpoint")
-  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   distributed.initialize_from_flags()
   from spadnet_jax import evaluate_lib  # after jax.distributed.initialize
@@ -60,4 +59,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform.restart_with_malloc_tunables()   # the program itself only, never an importer
   app.run(main)

@@ -18,7 +18,6 @@ distributed.define_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   distributed.initialize_from_flags()
   from spadnet_jax import trainer  # after jax.distributed.initialize
@@ -26,4 +25,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  platform.restart_with_malloc_tunables()   # the program itself only, never an importer
   app.run(main)

@@ -138,7 +138,6 @@ def main() -> None:
   p.add_argument("--dir", default="/tmp/spadnet_profile", help="where the trace and HLO go")
   args = p.parse_args()
   from spadnet_jax import platform
-  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   import jax
   import jax.numpy as jnp
@@ -169,4 +168,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from spadnet_jax import platform
+  platform.restart_with_malloc_tunables()
   main()

@@ -260,9 +260,8 @@ def main() -> None:
                  help="device peak for MFU (default: PEAK_TFLOPS by device kind)")
   p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
-  from spadnet_jax import platform
-  platform.restart_with_malloc_tunables()   # as train.py does; the cases' processes inherit it
   if args.child is not None:
+    from spadnet_jax import platform
     platform.configure_xla_cpu()
     kind, batch, iters, dtype, impl, remat = args.child
     recs = (case_pac(int(iters), dtype, int(batch)) if kind == "pac" else
@@ -295,4 +294,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from spadnet_jax import platform
+  platform.restart_with_malloc_tunables()   # as train.py does; the cases' processes inherit it
   main()

@@ -54,7 +54,8 @@ def _is_glibc() -> bool:
 def restart_with_malloc_tunables() -> None:
   """Re-execute this process (same command line, same PID) with MALLOC_TUNABLES set, once.
 
-  Call first thing in an entry point, before JAX starts: nothing done before survives.
+  Only for a program's own `if __name__ == "__main__":` block, before JAX starts: the whole
+  command runs again, so a function others may call (an entry point's main) must not.
   A no-op off glibc, where the user set GLIBC_TUNABLES's entries, or with NO_RESTART set.
   """
   restart = malloc_restart(os.environ, getattr(sys, "orig_argv", None), sys.executable, _is_glibc())

@@ -101,7 +101,6 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8)
 
 def main(argv: list[str]) -> int:
   from spadnet_jax import platform  # pylint: disable=import-outside-toplevel
-  platform.restart_with_malloc_tunables()
   platform.configure_xla_cpu()
   p = argparse.ArgumentParser(prog="python -m spadnet_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,4 +113,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  from spadnet_jax import platform
+  platform.restart_with_malloc_tunables()   # the program itself only, never a caller of main
   sys.exit(main(sys.argv[1:]))
