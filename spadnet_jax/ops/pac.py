@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from spadnet_jax.ops.conv import channel_sum
-from spadnet_jax.ops.ordering import after
 from spadnet_jax.ops.dispatch import by_platform
+from spadnet_jax.ops.ordering import after
 
 
 def window_offsets(ksize: int) -> Iterator[tuple[int, int, int]]:
@@ -279,7 +279,7 @@ def _band_rows(height: int, row_pixels: int, pixels: int = 4096) -> int:
 
 
 def _weight_grad_banded(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
-                         rows: int | None = None) -> jnp.ndarray:
+                        rows: int | None = None) -> jnp.ndarray:
   """dw[t] = (x_t * k_t)^T @ dout as one (T*Cin, P_band) x (P_band, Cout) product per band of rows.
 
   XLA:CPU ran the nine (Cin, P) x (P, Cout) products at a third of its GEMM speed (a long
