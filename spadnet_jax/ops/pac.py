@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from spadnet_jax.ops.conv import channel_sum
 from spadnet_jax.ops.dispatch import by_platform
 from spadnet_jax.ops.ordering import after
+from spadnet_jax.ops.reduce import channel_sum, feature_sum
 
 
 def window_offsets(ksize: int) -> Iterator[tuple[int, int, int]]:
@@ -128,7 +128,7 @@ def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   def pair(j, d):                   # E[q] = |h(q + off(t)) - h(q)|^2 on the padded grid
     t = centre + 1 + j
     diff = _pair_diff(h_wide, t, ksize, grid)
-    e = jnp.sum(diff * diff, -1, keepdims=True)
+    e = feature_sum(diff * diff)
     d = jax.lax.dynamic_update_slice_in_dim(d, _tap_slice(e, centre, ksize, out), t, 3)
     return jax.lax.dynamic_update_slice_in_dim(d, _tap_slice(e, 2 * centre - t, ksize, out),
                                                2 * centre - t, 3)
@@ -262,7 +262,7 @@ def _fused_bwd_taps(res, g):
     dx_pad, dk = carry
     xt, kt = _tap_slice(x_pad, t, ksize, x.shape), jax.lax.dynamic_slice_in_dim(k, t, 1, 3)
     grad_in = jnp.einsum("nhwo,co->nhwc", g, wt[t], preferred_element_type=acc)
-    dk_t = jnp.sum(xt * grad_in, -1, keepdims=True)
+    dk_t = feature_sum(xt * grad_in)
     return _tap_add(dx_pad, t, ksize, kt * grad_in), jax.lax.dynamic_update_slice_in_dim(dk, dk_t, t, 3)
 
   init = after((jnp.zeros(x_pad.shape, acc), jnp.zeros(k.shape, acc)), g)

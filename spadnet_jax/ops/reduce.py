@@ -1,0 +1,40 @@
+"""Sums that XLA:CPU computes faster as matrix products with a vector of ones.
+
+XLA:CPU rewrites a reduction of an NHWC array, over N, H and W or over the channel axis,
+into strided reduce-windows that run several times slower than multiplying the array by
+ones (8x64x64x64 over N, H, W: 3.5 ms vs 0.46 ms; over channels, fused with the product
+that feeds it: 9.4 ms vs 3.4 ms). GPUs and TPUs keep the plain reduction.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from spadnet_jax.ops.dispatch import by_platform
+
+
+def _acc(dtype) -> jnp.dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def channel_sum(g: jnp.ndarray) -> jnp.ndarray:
+  """Sum of g over every axis but the last, accumulated in float32 or wider: (..., C) -> (C,).
+
+  A conv's bias gradient: ones(P) @ g on CPU, a reduction elsewhere.
+  """
+  acc = _acc(g.dtype)
+
+  def by_matmul(g):
+    rows = g.reshape(-1, g.shape[-1])
+    return jnp.matmul(jnp.ones((rows.shape[0],), rows.dtype), rows, preferred_element_type=acc)
+
+  return by_platform(by_matmul, lambda g: jnp.sum(g, axis=tuple(range(g.ndim - 1)), dtype=acc), g)
+
+
+def feature_sum(v: jnp.ndarray) -> jnp.ndarray:
+  """Sum of v over its last axis, kept as a size-1 axis, in float32 or wider: (..., C) -> (..., 1).
+
+  Per-pixel dot products and distances: v @ ones(C, 1) on CPU, a reduction elsewhere.
+  """
+  acc = _acc(v.dtype)
+  return by_platform(lambda v: jnp.matmul(v, jnp.ones((v.shape[-1], 1), v.dtype), preferred_element_type=acc),
+                     lambda v: jnp.sum(v, -1, keepdims=True, dtype=acc), v)
