@@ -248,3 +248,13 @@ def test_after_keeps_values_and_fused_backward_keeps_no_forward_temporaries():
   assert fused < 0.26 * reference, (fused, reference)
   # 'auto' is 'fused' here: differentiating through its platform switch adds no einsum temporaries.
   assert temp_bytes("auto") <= 1.02 * fused
+
+
+def test_gaussian_kernel_gradient_of_bfloat16_guidance(data):
+  """bf16 guidance: the one-pass gradient accumulates in float32 and returns bf16 close to it."""
+  h = jnp.asarray(data[0])
+  ct = jnp.asarray(np.random.default_rng(3).standard_normal(h.shape[:3] + (9,)), jnp.float32)
+  grad = lambda h: jax.grad(lambda h: jnp.sum(ops.gaussian_kernel(h) * ct))(h)
+  got, ref = grad(h.astype(jnp.bfloat16)), grad(h.astype(jnp.bfloat16).astype(jnp.float32))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-2, atol=1e-2 * float(jnp.abs(ref).max()))

@@ -140,8 +140,7 @@ def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
 def gaussian_kernel(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   """Official LSAC kernel: exp(-0.5 * ||h_q - h_p||^2). (N, H, W, Cg) -> (N, H, W, T).
 
-  Its gradient recomputes the per-tap differences instead of keeping T copies of h
-  alive between the forward and backward passes.
+  Its gradient keeps only h and k from the forward pass and is one pass over h (_gaussian_bwd).
   """
   return jnp.exp(-0.5 * squared_distances(h, ksize))
 
@@ -152,21 +151,25 @@ def _gaussian_fwd(h, ksize):
 
 
 def _gaussian_bwd(ksize, res, dk):
-  h, k = after(res, dk)           # recompute the differences; keep no forward copy alive
-  a = dk * k                       # d k_t / d dist_t = -0.5 k_t; d dist_t / d h = +-2 diff
+  """dh[q] = 2 sum_t c_t[q] (h[q] - h[q + off(t)]), c_t[q] = b_t[q] + b_mirror(t)[q + off(t)].
+
+  b = dL/dd = -0.5 dk k. Each distance d_t[p] = |h[p + off(t)] - h[p]|^2 involves two pixels;
+  gathering both of its terms at the pixel that receives them (the mirror tap's b seen from
+  the neighbour) makes the gradient one fused pass that reads shifted windows of h and writes
+  dh once, instead of scattering into a padded dh tap after tap: the kernel's forward +
+  backward at 8x64x64x64 took half the time on the 2-core CPU (17.6 -> 9.1 ms, interleaved).
+  """
+  h, k = after(res, dk)           # keep no forward copy alive
   acc, centre = _acc_dtype(h.dtype), ksize * ksize // 2
-  h_wide, grid = _wide_grid(h, ksize)
-  grid1 = grid[:3] + (1,)
-
-  def pair(j, dh_wide):             # both taps of a mirror pair share E[q]'s difference
-    t = centre + 1 + j
-    a_e = _tap_add(jnp.zeros(grid1, acc), centre, ksize, jax.lax.dynamic_slice_in_dim(a, t, 1, 3))
-    a_e = _tap_add(a_e, 2 * centre - t, ksize, jax.lax.dynamic_slice_in_dim(a, 2 * centre - t, 1, 3))
-    term = a_e * _pair_diff(h_wide, t, ksize, grid)   # +term at q, -term at q + off(t)
-    return _tap_add(_tap_add(dh_wide, centre, ksize, term), t, ksize, -term)
-
-  dh_wide = _for_each_tap(centre, pair, after(jnp.zeros(h_wide.shape, acc), dk))
-  return (_crop_window(_crop_window(dh_wide, ksize), ksize).astype(h.dtype),)
+  b = (-0.5 * dk * k).astype(acc)
+  b_pad, h_pad, h = _pad_window(b, ksize), _pad_window(h, ksize).astype(acc), h.astype(acc)
+  dh = jnp.zeros(h.shape, acc)
+  for t, _, _ in window_offsets(ksize):
+    if t != centre:
+      mirror = 2 * centre - t
+      c = b[..., t:t + 1] + _tap_slice(b_pad, t, ksize, b.shape)[..., mirror:mirror + 1]
+      dh = dh + c * (h - _tap_slice(h_pad, t, ksize, h.shape))
+  return ((2 * dh).astype(res[0].dtype),)
 
 
 gaussian_kernel.defvjp(_gaussian_fwd, _gaussian_bwd)
