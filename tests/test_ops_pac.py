@@ -257,4 +257,5 @@ def test_gaussian_kernel_gradient_of_bfloat16_guidance(data):
   grad = lambda h: jax.grad(lambda h: jnp.sum(ops.gaussian_kernel(h) * ct))(h)
   got, ref = grad(h.astype(jnp.bfloat16)), grad(h.astype(jnp.bfloat16).astype(jnp.float32))
   assert got.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-2, atol=1e-2 * float(jnp.abs(ref).max()))
+  np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-2,
+                             atol=1e-2 * float(jnp.abs(ref).max()))

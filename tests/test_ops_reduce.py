@@ -29,7 +29,8 @@ def test_feature_sum_sums_the_last_axis_keeping_it(branch, rng):
   np.testing.assert_allclose(s, v.sum(-1, keepdims=True), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fn, shape", [(ops.channel_sum, (64, 64, 4)), (ops.feature_sum, (3, 4096))])
+@pytest.mark.parametrize("fn, shape", [(ops.channel_sum, (64, 64, 4)),
+                                       (ops.feature_sum, (3, 4096))])
 def test_sums_accumulate_bfloat16_in_float32(branch, fn, shape):
   v = jnp.full(shape, 1.0 + 2**-7, jnp.bfloat16)   # 4096 terms: a running bfloat16 sum stops at 512
   s = fn(v)

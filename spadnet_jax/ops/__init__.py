@@ -11,7 +11,7 @@ from spadnet_jax.ops.resample import (bicubic_upsample, pixel_shuffle, pixel_uns
 
 __all__ = [
     "KERNELS", "PAC_IMPLS", "after", "bias_add", "bicubic_upsample", "channel_sum", "conv3x3",
-    "feature_sum", "gate_map", "gaussian_kernel", "inverse_kernel", "official_gate_index", "pac_conv",
-    "pac_conv_auto", "pac_conv_einsum", "pac_conv_fused", "pac_conv_shifted", "pixel_shuffle",
-    "pixel_unshuffle", "resize", "resize_matrix", "squared_distances", "unfold",
+    "feature_sum", "gate_map", "gaussian_kernel", "inverse_kernel", "official_gate_index",
+    "pac_conv", "pac_conv_auto", "pac_conv_einsum", "pac_conv_fused", "pac_conv_shifted",
+    "pixel_shuffle", "pixel_unshuffle", "resize", "resize_matrix", "squared_distances", "unfold",
 ]

@@ -36,5 +36,8 @@ def feature_sum(v: jnp.ndarray) -> jnp.ndarray:
   Per-pixel dot products and distances: v @ ones(C, 1) on CPU, a reduction elsewhere.
   """
   acc = _acc(v.dtype)
-  return by_platform(lambda v: jnp.matmul(v, jnp.ones((v.shape[-1], 1), v.dtype), preferred_element_type=acc),
-                     lambda v: jnp.sum(v, -1, keepdims=True, dtype=acc), v)
+
+  def by_matmul(v):
+    return jnp.matmul(v, jnp.ones((v.shape[-1], 1), v.dtype), preferred_element_type=acc)
+
+  return by_platform(by_matmul, lambda v: jnp.sum(v, -1, keepdims=True, dtype=acc), v)
