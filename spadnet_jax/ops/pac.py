@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from spadnet_jax.ops.dispatch import by_platform
 from spadnet_jax.ops.ordering import after
-from spadnet_jax.ops.reduce import channel_sum, feature_sum
+from spadnet_jax.ops.reduce import accumulation_dtype, channel_sum, feature_sum
 
 
 def window_offsets(ksize: int) -> Iterator[tuple[int, int, int]]:
@@ -68,11 +68,6 @@ def _tap_slice(x_pad: jnp.ndarray, t: jnp.ndarray, ksize: int, shape: tuple[int,
   return jax.lax.dynamic_slice(x_pad, _tap_start(t, ksize), shape)
 
 
-def _acc_dtype(dtype) -> jnp.dtype:
-  """Accumulate in at least float32, so bfloat16 models sum taps and channels exactly enough."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _tap_add(x_pad: jnp.ndarray, t: jnp.ndarray, ksize: int, v: jnp.ndarray) -> jnp.ndarray:
   """Adjoint of _tap_slice: add v into x_pad at tap t's window (in place in a loop)."""
   start = _tap_start(t, ksize)
@@ -111,7 +106,7 @@ def _pair_diff(h_wide: jnp.ndarray, t: jnp.ndarray, ksize: int, grid: tuple[int,
   """h(q + off(t)) - h(q) over the grid, in float32 or wider: shared by tap t and its mirror."""
   centre = ksize * ksize // 2
   return (_tap_slice(h_wide, t, ksize, grid) - _tap_slice(h_wide, centre, ksize, grid)).astype(
-      _acc_dtype(h_wide.dtype))
+      accumulation_dtype(h_wide.dtype))
 
 
 def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
@@ -133,7 +128,8 @@ def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
     return jax.lax.dynamic_update_slice_in_dim(d, _tap_slice(e, 2 * centre - t, ksize, out),
                                                2 * centre - t, 3)
 
-  return _for_each_tap(centre, pair, jnp.zeros(h.shape[:3] + (ksize * ksize,), _acc_dtype(h.dtype)))
+  d = jnp.zeros(h.shape[:3] + (ksize * ksize,), accumulation_dtype(h.dtype))
+  return _for_each_tap(centre, pair, d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -160,16 +156,16 @@ def _gaussian_bwd(ksize, res, dk):
   backward at 8x64x64x64 took half the time on the 2-core CPU (17.6 -> 9.1 ms, interleaved).
   """
   h, k = after(res, dk)           # keep no forward copy alive
-  acc, centre = _acc_dtype(h.dtype), ksize * ksize // 2
-  b = (-0.5 * dk * k).astype(acc)
-  b_pad, h_pad, h = _pad_window(b, ksize), _pad_window(h, ksize).astype(acc), h.astype(acc)
+  acc, centre = accumulation_dtype(h.dtype), ksize * ksize // 2
+  b, h_acc = (-0.5 * dk * k).astype(acc), h.astype(acc)
+  b_pad, h_pad = _pad_window(b, ksize), _pad_window(h_acc, ksize)
   dh = jnp.zeros(h.shape, acc)
   for t, _, _ in window_offsets(ksize):
     if t != centre:
       mirror = 2 * centre - t
       c = b[..., t:t + 1] + _tap_slice(b_pad, t, ksize, b.shape)[..., mirror:mirror + 1]
-      dh = dh + c * (h - _tap_slice(h_pad, t, ksize, h.shape))
-  return ((2 * dh).astype(res[0].dtype),)
+      dh = dh + c * (h_acc - _tap_slice(h_pad, t, ksize, h.shape))
+  return ((2 * dh).astype(h.dtype),)
 
 
 gaussian_kernel.defvjp(_gaussian_fwd, _gaussian_bwd)
@@ -226,7 +222,7 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   instead of nine narrow products (4.9x -> 3.9x a conv's time on an H100). The
   models' default on CPU (pac_conv_auto).
   """
-  ksize, acc = w.shape[0], _acc_dtype(x.dtype)
+  ksize, acc = w.shape[0], accumulation_dtype(x.dtype)
   x_pad, wt = _pad_window(x, ksize), jnp.asarray(w).reshape(ksize * ksize, *w.shape[2:])
   out_shape = x.shape[:3] + w.shape[3:]
 
@@ -258,7 +254,7 @@ def _fused_bwd_taps(res, g):
   """The CPU backward pass: a loop over taps, the weight gradient band by band."""
   x, k, w, b = res
   x, k, w = after((x, k, w), g)   # recompute x_t * k_t; keep no forward copy alive
-  ksize, acc = w.shape[0], _acc_dtype(x.dtype)
+  ksize, acc = w.shape[0], accumulation_dtype(x.dtype)
   x_pad, wt = _pad_window(x, ksize), w.reshape(ksize * ksize, *w.shape[2:])
 
   def tap(t, carry):
@@ -289,14 +285,14 @@ def _weight_grad_banded(x_pad: jnp.ndarray, k: jnp.ndarray, g: jnp.ndarray,
   image (about 4096 pixels), so the nine narrow (Cin, P) x (P, Cout) products that XLA:CPU ran
   at a third of its GEMM speed become one wide product per band. The band is unfolded in
   the input's own layout (taps side by side along channels) and contracted with the dout
-  band transposed, (Cout, P) x (P, T*Cin): as fast a product as channel-first unfolding, which
-  needed the whole padded input transposed, XLA:CPU's slowest op here (8x64x64x64,
-  interleaved medians: 38.6 -> 32.4 ms). Bands span the whole batch, so a batch sharded
+  band transposed, (Cout, P) x (P, T*Cin): as fast a product as channel-first unfolding,
+  which needed the whole padded input transposed, one of XLA:CPU's slowest ops here
+  (8x64x64x64, interleaved medians: 38.6 -> 32.4 ms). Bands span the whole batch, so a batch sharded
   across devices stays where it is.
   """
   n, height, width, cout = g.shape
   ntaps, cin = k.shape[3], x_pad.shape[3]
-  ksize, acc = math.isqrt(ntaps), _acc_dtype(x_pad.dtype)
+  ksize, acc = math.isqrt(ntaps), accumulation_dtype(x_pad.dtype)
   rows = rows or _band_rows(height, n * width)
 
   def band(i, dw_t):

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from spadnet_jax.ops.dispatch import by_platform
 
 
-def _acc(dtype) -> jnp.dtype:
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """Accumulate in at least float32, so bfloat16 models sum taps and channels exactly enough."""
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -21,7 +22,7 @@ def channel_sum(g: jnp.ndarray) -> jnp.ndarray:
 
   A conv's bias gradient: ones(P) @ g on CPU, a reduction elsewhere.
   """
-  acc = _acc(g.dtype)
+  acc = accumulation_dtype(g.dtype)
 
   def by_matmul(g):
     rows = g.reshape(-1, g.shape[-1])
@@ -35,7 +36,7 @@ def feature_sum(v: jnp.ndarray) -> jnp.ndarray:
 
   Per-pixel dot products and distances: v @ ones(C, 1) on CPU, a reduction elsewhere.
   """
-  acc = _acc(v.dtype)
+  acc = accumulation_dtype(v.dtype)
 
   def by_matmul(v):
     return jnp.matmul(v, jnp.ones((v.shape[-1], 1), v.dtype), preferred_element_type=acc)
