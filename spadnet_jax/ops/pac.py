@@ -304,11 +304,11 @@ def pac_conv_auto(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   """The fastest measured formulation per platform: 'fused' on CPU, 'einsum' on GPUs and TPUs.
 
   benchmarks/run.py --cases pac (64x64x64, forward + backward, time over a plain conv's):
-  on the 2-core CPU, fused 1.6-1.9x and einsum 2.9-3.4x (with 6x fused's memory); on an
-  H100 (bf16, batch 64), einsum 2.8x and fused 3.9x: there fused's nine narrow products (64
-  output columns each) and its recomputation of the unfolded input in the backward pass
-  cost more than einsum's 9x copy, and memory is not what limits the layer. The models'
-  default.
+  on the 2-core CPU, fused 1.6-1.9x and einsum 2.9-3.4x (with 8x fused's temporaries);
+  on an H100 (bf16, batch 64), einsum 2.8x and fused 3.9x: there fused's nine narrow
+  products (64 output columns each) and its recomputation of the unfolded input in the
+  backward pass cost more than einsum's 9x copy, and memory is not what limits the layer.
+  The models' default.
   """
   return by_platform(pac_conv_fused, pac_conv_einsum, x, k, w, b)
 
