@@ -4,6 +4,7 @@ Both are written as array_record, so they prepare and read without TensorFlow.
 """
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 from typing import Any, Iterator
@@ -77,24 +78,36 @@ def _read_landmarks(entry: Any, path: str) -> tuple[np.ndarray, np.ndarray | Non
       raise BadExample(f"{path}: landmark entry is a dict without a 'landmark' key")
     bbox = entry.get("bbox")
     entry = entry["landmark"]
-  points = np.asarray(entry, np.float32)
+  try:
+    points = np.asarray(entry, np.float32)
+  except (TypeError, ValueError) as e:
+    raise BadExample(f"{path}: landmarks are not numbers ({e})") from e
   if points.shape == (1, lmk.NUM_LANDMARKS, 2):        # official SPADNet train pickles
     points = points[0]
   if points.shape != (lmk.NUM_LANDMARKS, 2):
     raise BadExample(f"{path}: landmarks have shape {points.shape}, expected (68, 2)")
+  bad = np.flatnonzero(~np.isfinite(points).all(1))
+  if bad.size:
+    k = int(bad[0])
+    raise BadExample(f"{path}: landmark {k} is not finite ({points[k, 0]}, {points[k, 1]})")
+  if bbox is not None and not np.isfinite(np.asarray(bbox, np.float64)).all():
+    raise BadExample(f"{path}: bbox {list(bbox)} is not finite")
   return points, None if bbox is None else np.asarray(bbox, np.float32)
 
 
-def load_face(path: str, entry: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Read one HR face and its landmarks, cropping to the bbox when the entry has one.
+def load_face(path: str, entry: Any) -> tuple[np.ndarray, np.ndarray, str]:
+  """Read one HR face, its landmarks and the file's colour mode, cropping to the bbox when
+  the entry has one.
 
   With a bbox (DIC's layout: full-image landmarks) the crop is resized to 128x128 with
   Pillow's bicubic and the landmarks follow; without, the image must already be 128x128.
+  Grayscale, palette and RGBA files are converted to RGB (alpha dropped).
   """
   points, bbox = _read_landmarks(entry, path)
   try:
     with Image.open(path) as im:
       im.load()
+      mode = im.mode
       image = im.convert("RGB")
   except Exception as e:  # Pillow raises several types for corrupt files.
     raise BadExample(f"{path}: unreadable or truncated image ({e})") from e
@@ -113,7 +126,7 @@ def load_face(path: str, entry: Any) -> tuple[np.ndarray, np.ndarray]:
     k = int(outside[0])
     raise BadExample(f"{path}: landmark {k} at ({points[k, 0]:.1f}, {points[k, 1]:.1f}) lies "
                      f"outside the {HR_SIZE}x{HR_SIZE} face")
-  return np.asarray(image, np.uint8), points
+  return np.asarray(image, np.uint8), points, mode
 
 
 class FaceFolder(tfds.core.GeneratorBasedBuilder):
@@ -158,19 +171,24 @@ class FaceFolder(tfds.core.GeneratorBasedBuilder):
         table = pickle.load(f)
     except Exception as e:
       raise BadExample(f"{pkl}: cannot be read as a landmark pickle ({e})") from e
-    skipped = []
+    skipped, converted = [], collections.Counter()
     for name in sorted(n for n in os.listdir(hr_dir) if n.lower().endswith((".png", ".jpg"))):
       path = os.path.join(hr_dir, name)
       try:
         if name not in table:
           raise BadExample(f"{path}: no entry for {name!r} in {pkl}")
-        image, points = load_face(path, table[name])
+        image, points, mode = load_face(path, table[name])
       except BadExample as e:
         if not self.skip_bad_examples:
           raise
         skipped.append(str(e))
         continue
+      if mode != "RGB":
+        converted[mode] += 1
       yield name, {"hr": synthetic.png_bytes(image), "landmarks": points, "filename": name}
     if skipped:
       logging.warning("skipped %d bad examples in %s: %s", len(skipped), hr_dir, skipped[:10])
       print(f"skipped {len(skipped)} bad examples in {hr_dir}", flush=True)
+    if converted:
+      modes = ", ".join(f"{n} {m}" for m, n in sorted(converted.items()))
+      print(f"converted to RGB in {hr_dir}: {modes} images", flush=True)

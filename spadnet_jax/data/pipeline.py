@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from spadnet_jax.data import builders  # noqa: F401  (registers the tfds builders)
-from spadnet_jax.data import degrade, landmarks as lmk
+from spadnet_jax.data import degrade, landmarks as lmk, provenance
 
 # tfds celeb_a: 178x218 aligned faces; the centred 178x178 square is resized to 128x128.
 CELEBA_CROP = (0, 20, 178, 198)
@@ -34,7 +34,13 @@ def _celeba_example(ex: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The prepared tfds builder named by cfg.name, preparing it first where it can."""
+  """The prepared tfds builder named by cfg.name, preparing it first where it can.
+
+  Preparation holds a file lock beside the data set, so the processes of a run (or two
+  runs) sharing a data_dir build it once while the others wait; where each host has its
+  own data_dir, each builds its own copy. A prepared copy records its source
+  (provenance.json) and is refused when this run's source or settings differ.
+  """
   kwargs: dict[str, Any] = dict(data_dir=cfg.get("data_dir") or None)
   if cfg.name.startswith("face_folder"):
     kwargs["skip_bad_examples"] = bool(cfg.get("skip_bad_examples", False))
@@ -47,10 +53,16 @@ def load_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if cfg.name == "celeb_a":
     return builder            # never prepared here: it needs a manual download
   manual_dir = cfg.get("manual_dir") or None
-  if cfg.name.startswith("face_folder") and not manual_dir and not builder.is_prepared():
-    raise ValueError(f"config.data.manual_dir must point at the prepared {cfg.name} folders "
-                     "(see 'Data' in README) the first time the data set is built")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  with provenance.build_lock(builder):
+    if builder.is_prepared():
+      provenance.check(builder, cfg)
+      return builder
+    if cfg.name.startswith("face_folder") and not manual_dir:
+      raise ValueError(f"config.data.manual_dir must point at the prepared {cfg.name} folders "
+                       "(see 'Data' in README) the first time the data set is built")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    provenance.record(builder, cfg)
   return builder
 
 
@@ -117,18 +129,21 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // jax.process_count()
 
 
-def train_dataset(cfg: ml_collections.ConfigDict, scale: int, global_batch: int,
-                  seed: int) -> grain.IterDataset:
-  """Endless, reshuffled-every-epoch training batches of this process's shard.
+def train_dataset(cfg: ml_collections.ConfigDict, scale: int, global_batch: int, seed: int,
+                  start: int = 0) -> grain.IterDataset:
+  """Endless, reshuffled-every-epoch training batches: this process's rows of each global batch.
 
-  Iterate it with iter(); the iterator's state (get_state / Orbax via
-  grain.checkpoint.CheckpointSave) resumes exactly where it stopped.
+  One global sequence of examples (shuffle, repeat and augmentation keyed by the global
+  index) is cut into global batches; process p reads rows [p*L, (p+1)*L) of each. `start`
+  is the number of examples already consumed, so a run resumes from the same global
+  position whatever its process count, device count or batch size.
   """
   ds, groups = get_source(cfg, cfg.get("train_split", "train"))
-  ds = _shard(ds).shuffle(seed=seed).repeat(None)
+  ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(MakeExample(scale, cfg.lr_kernel, groups, cfg.augment_flip,
                                  cfg.augment_rot90), seed=seed + 1)
-  ds = ds.batch(local_batch_size(global_batch), drop_remainder=True)
+  ds = ds[start:].batch(local_batch_size(global_batch), drop_remainder=True)
+  ds = ds[jax.process_index()::jax.process_count()]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("num_threads", 2),
                                               prefetch_buffer_size=cfg.get("prefetch", 4)))
 
