@@ -1,21 +1,29 @@
-"""Orbax checkpoints that carry their model configuration.
+"""Orbax checkpoints: the whole layout, save and restore for training and inference.
 
 Layout (an Orbax CheckpointManager directory): each step holds the items
-  'model'  - JSON: the SPADNet fields, so the checkpoint alone rebuilds the model;
-  'params' - the model variables used for inference (EMA weights when training keeps them);
-and a training run adds 'train' (optimizer state and counters) and 'data' (iterator state).
-eval.py, predict and the converter read only 'model' and 'params'.
+  'model'    - JSON: the SPADNet fields, so the checkpoint alone rebuilds the model;
+  'params'   - the model variables used for inference (EMA weights when training keeps them);
+  'train'    - optimizer state and counters (training runs only);
+  'position' - JSON: examples of the training sequence consumed (training runs only);
+and checksums.json, the SHA-256 of every file of the step, written once Orbax has
+finalised it. Every restore verifies those checksums: a damaged step is named by step
+and file and never trusted. eval.py, predict and the converter read 'model' and 'params'.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
 
+from spadnet_jax import files
 from spadnet_jax.models import SPADNet
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,6 +54,207 @@ def model_from_config(cfg: dict[str, Any], **overrides: Any) -> SPADNet:
   return model
 
 
+CHECKSUMS = "checksums.json"
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint step whose files are missing, altered or unreadable."""
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {"model": ocp.JsonCheckpointHandler(), "params": ocp.StandardCheckpointHandler(),
+          "train": ocp.StandardCheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
+
+
+def manager(directory: str, keep: int | None = None, async_save: bool = False,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """The CheckpointManager of this layout. With `keep`, training's retention: the last
+  `keep` steps plus the best by validation PSNR (Y)."""
+  policy = None
+  if keep is not None:
+    policy = ocm.AnyPreservationPolicy([
+        ocm.LatestN(n=keep),
+        ocm.BestN(get_metric_fn=lambda m: m["psnr_y"], reverse=False, n=1,   # highest wins
+                  keep_checkpoints_without_metrics=False)])
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
+                                           read_only=read_only,
+                                           enable_async_checkpointing=async_save),
+      item_handlers=_handlers())
+
+
+# --- integrity -----------------------------------------------------------------------------
+
+def _step_dir(directory: str, step: int) -> str:
+  return os.path.join(os.path.abspath(directory), str(step))
+
+
+def _file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
+  out = {}
+  for root, dirs, names in os.walk(step_dir):
+    dirs.sort()
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel.startswith("checksums."):      # the manifest and its temporary while written
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      out[rel] = {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+  return out
+
+
+def is_sealed(directory: str, step: int) -> bool:
+  return os.path.isfile(os.path.join(_step_dir(directory, step), CHECKSUMS))
+
+
+def seal(directory: str, step: int) -> None:
+  """Write the step's checksums (once Orbax has finalised it; the primary process only)."""
+  step_dir = _step_dir(directory, step)
+  digests = _file_digests(step_dir)
+  with files.atomic_path(os.path.join(step_dir, CHECKSUMS)) as tmp, open(tmp, "w") as f:
+    json.dump({"step": step, "files": digests}, f, indent=1, sort_keys=True)
+
+
+def seal_finalized(directory: str) -> list[int]:
+  """Seal every finalised step that has no checksums yet (a run stopped between Orbax's
+  finalisation and sealing); returns those steps."""
+  if not os.path.isdir(directory):
+    return []
+  done = []
+  for step in sorted(ocp.utils.checkpoint_steps(directory)):
+    if not is_sealed(directory, step):
+      seal(directory, step)
+      done.append(step)
+  return done
+
+
+def problems(directory: str, step: int) -> list[str] | None:
+  """What is wrong with a step's files ([] when intact), or None when it has no checksums."""
+  step_dir = _step_dir(directory, step)
+  manifest = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.isdir(step_dir):
+    return [f"{step_dir} does not exist"]
+  if not os.path.isfile(manifest):
+    return None
+  try:
+    with open(manifest) as f:
+      expected = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return [f"{manifest} is unreadable ({e})"]
+  found = _file_digests(step_dir)
+  out = []
+  for rel, want in sorted(expected.items()):
+    got = found.get(rel)
+    if got is None:
+      out.append(f"{os.path.join(step_dir, rel)} is missing")
+    elif got["size"] != want["size"]:
+      out.append(f"{os.path.join(step_dir, rel)} has {got['size']} bytes, "
+                 f"{want['size']} were written")
+    elif got["sha256"] != want["sha256"]:
+      out.append(f"{os.path.join(step_dir, rel)} does not match its checksum")
+  return out
+
+
+def verify(directory: str, step: int) -> bool:
+  """Raise DamagedCheckpoint naming the step and its first bad file; False when the step
+  has no checksums to verify against, True when it was verified."""
+  found = problems(directory, step)
+  if found:
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    raise DamagedCheckpoint(f"checkpoint step {step} is damaged: {found[0]}{more}")
+  return found is not None
+
+
+def steps(directory: str) -> list[int]:
+  """The finalised steps under a manager directory, newest first."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(ocp.utils.checkpoint_steps(directory), reverse=True)
+
+
+def restore_newest_intact(directory: str, step: int | None, restore: Callable[[int], Any],
+                          report: Callable[[str], None] = print) -> tuple[int, Any]:
+  """Verify and restore `step`, or the newest step that verifies and restores.
+
+  An explicit `step` that is missing or damaged fails with DamagedCheckpoint /
+  FileNotFoundError; otherwise each damaged step is reported and the next older one
+  tried. `restore(step)` may raise DamagedCheckpoint itself (e.g. non-finite values).
+  """
+  available = steps(directory)
+  if step is not None:
+    if step not in available:
+      raise FileNotFoundError(f"{directory} has no step {step}; it has {sorted(available)}")
+    candidates = [step]
+  else:
+    candidates = available
+  if not candidates:
+    raise FileNotFoundError(f"{directory} holds no checkpoint steps")
+  for s in candidates:
+    try:
+      if not verify(directory, s):
+        report(f"checkpoint step {s} has no checksums (written before they were kept); "
+               "not verified")
+      return s, _restore_or_damaged(directory, s, restore)
+    except DamagedCheckpoint as e:
+      if step is not None:
+        raise
+      report(f"{e}; trying the previous step")
+  raise DamagedCheckpoint(f"every checkpoint step in {directory} is damaged "
+                          f"({sorted(candidates)})")
+
+
+def _restore_or_damaged(directory: str, step: int, restore: Callable[[int], Any]) -> Any:
+  try:
+    return restore(step)
+  except DamagedCheckpoint:
+    raise
+  except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DamagedCheckpoint(f"checkpoint step {step} in {directory} cannot be restored "
+                            f"({first[:300]})") from e
+
+
+def check_finite(tree: Any, where: str) -> None:
+  """DamagedCheckpoint naming the first non-finite leaf of a restored tree."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.asarray(jax.device_get(leaf)) if getattr(leaf, "is_fully_addressable", True) else None
+    if a is not None and a.dtype.kind == "f" and not np.isfinite(a).all():
+      raise DamagedCheckpoint(f"{where}: {jax.tree_util.keystr(path)} holds non-finite values")
+
+
+# --- training ------------------------------------------------------------------------------
+
+def save_train(mngr: ocp.CheckpointManager, step: int, model: SPADNet, inference: Any,
+               train: dict[str, Any], position: dict[str, Any],
+               metrics: dict[str, float] | None = None) -> None:
+  """Start saving a training step (asynchronously where the manager is async)."""
+  mngr.save(step, args=ocp.args.Composite(
+      model=ocp.args.JsonSave(model_config(model)),
+      params=ocp.args.StandardSave({"params": inference}),
+      train=ocp.args.StandardSave(train),
+      position=ocp.args.JsonSave(position)), metrics=metrics, force=True)
+
+
+def restore_train(mngr: ocp.CheckpointManager, step: int, inference: Any,
+                  train: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+  """Restore a training step onto the shardings carried by the abstract `inference` and
+  `train` trees (any mesh, device or process count). The position is None for steps
+  written before it was kept."""
+  args = dict(params=ocp.args.StandardRestore({"params": inference}),
+              train=ocp.args.StandardRestore(train))
+  has_position = os.path.isdir(os.path.join(_step_dir(str(mngr.directory), step), "position"))
+  if has_position:
+    args["position"] = ocp.args.JsonRestore()
+  r = mngr.restore(step, args=ocp.args.Composite(**args))
+  return r["params"]["params"], r["train"], (dict(r["position"]) if has_position else None)
+
+
+# --- inference -----------------------------------------------------------------------------
+
 def save_inference_checkpoint(directory: str, model: SPADNet, variables: Any, step: int = 0) -> str:
   """Write `variables` and the model configuration as step `step` under `directory`.
 
@@ -53,7 +262,7 @@ def save_inference_checkpoint(directory: str, model: SPADNet, variables: Any, st
   writes to a temporary folder and renames it, so a crash leaves no half checkpoint.
   """
   directory = os.path.abspath(directory)
-  with ocp.CheckpointManager(directory) as mngr:
+  with manager(directory) as mngr:
     if step in mngr.all_steps():
       raise FileExistsError(f"{directory} already holds a checkpoint at step {step}; "
                             "choose another directory")
@@ -61,85 +270,85 @@ def save_inference_checkpoint(directory: str, model: SPADNet, variables: Any, st
         model=ocp.args.JsonSave(model_config(model)),
         params=ocp.args.StandardSave(variables)))
     mngr.wait_until_finished()
+  seal(directory, step)
   return os.path.join(directory, str(step))
 
 
-def _manager_and_step(path: str, step: int | None) -> tuple[str, int]:
-  """Accept a CheckpointManager directory (latest or given step) or one step folder."""
+def _manager_dir_and_step(path: str, step: int | None) -> tuple[str, int | None]:
+  """Accept a CheckpointManager directory (step given or None for the newest intact) or
+  one step folder."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   base = os.path.basename(path.rstrip("/"))
   if step is None and base.isdigit() and os.path.isdir(os.path.join(path, "params")):
     return os.path.dirname(path), int(base)
-  steps = ocp.utils.checkpoint_steps(path)
-  if not steps:
+  if not steps(path):
     raise FileNotFoundError(f"{path} holds no checkpoint steps (expected folders named by step "
                             "with 'model' and 'params' inside)")
-  if step is None:
-    return path, max(steps)
-  if step not in steps:
-    raise FileNotFoundError(f"{path} has no step {step}; it has {sorted(steps)}")
   return path, step
 
 
-def _reader(directory: str) -> ocp.CheckpointManager:
-  """A read-only manager that knows the handlers of the items inference needs."""
-  return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"model": ocp.JsonCheckpointHandler(),
-                     "params": ocp.StandardCheckpointHandler()})
-
-
-def read_model_config(path: str, step: int | None = None) -> tuple[dict[str, Any], int]:
-  """The JSON model configuration stored with a checkpoint, and its step."""
-  directory, step = _manager_and_step(path, step)
-  with _reader(directory) as mngr:
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
-    except Exception as e:
-      raise ValueError(f"checkpoint {directory}/{step}/model (the model configuration) is "
-                       f"corrupt or unreadable: {e}") from e
+def _read_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  where = f"{mngr.directory}/{step}/model"
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+  except Exception as e:
+    raise DamagedCheckpoint(f"checkpoint {where} (the model configuration) is corrupt or "
+                            f"unreadable: {e}") from e
   if not isinstance(restored["model"], dict):
-    raise ValueError(f"checkpoint {directory}/{step}/model holds no model configuration")
-  return dict(restored["model"]), step
+    raise DamagedCheckpoint(f"checkpoint {where} holds no model configuration")
+  return dict(restored["model"])
 
 
-def load_model(path: str, step: int | None = None,
-               shardings: Any = None, **overrides: Any) -> tuple[SPADNet, Any, int]:
+def read_model_config(path: str, step: int | None = None,
+                      report: Callable[[str], None] = print) -> tuple[dict[str, Any], int]:
+  """The JSON model configuration stored with a checkpoint (newest intact step unless
+  `step`), and its step."""
+  directory, step = _manager_dir_and_step(path, step)
+  with manager(directory, read_only=True) as mngr:
+    step, cfg = restore_newest_intact(directory, step, lambda s: _read_config(mngr, s), report)
+  return cfg, step
+
+
+def load_model(path: str, step: int | None = None, shardings: Any = None,
+               report: Callable[[str], None] = print,
+               **overrides: Any) -> tuple[SPADNet, Any, int]:
   """Rebuild the model and restore its variables from a checkpoint.
 
+  `path` is a manager directory (the newest intact step, or `step`) or one step folder.
+  The step's checksums are verified; a damaged newest step is reported through `report`
+  and the previous one used, an explicit damaged step fails (DamagedCheckpoint).
   `overrides` change fields that do not alter parameters (e.g. pac_impl, dtype).
   Parameters whose shapes differ from what the configuration implies are reported by
   name. `shardings` (a pytree of jax.sharding.Sharding, or one for all leaves) places
   the restored arrays; default: replicated on the first device.
   """
-  cfg, step = read_model_config(path, step)
-  model = model_from_config(cfg, **overrides)
-  directory, _ = _manager_and_step(path, step)
-  abstract = abstract_variables(model)
+  directory, step = _manager_dir_and_step(path, step)
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  if isinstance(shardings, jax.sharding.Sharding):
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), abstract)
-  else:
-    abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  where = os.path.join(directory, str(step), "params")
-  with _reader(directory) as mngr:
-    try:
-      meta = mngr.item_metadata(step)["params"]
-    except Exception as e:
-      raise ValueError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
+
+  def restore(s: int) -> tuple[SPADNet, Any]:
+    model = model_from_config(_read_config(mngr, s), **overrides)
+    abstract = abstract_variables(model)
+    if isinstance(shardings, jax.sharding.Sharding):
+      abstract = jax.tree_util.tree_map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), abstract)
+    else:
+      abstract = jax.tree_util.tree_map(
+          lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    where = os.path.join(directory, str(s), "params")
+    meta = mngr.item_metadata(s)["params"]
     if meta is None:
-      raise ValueError(f"checkpoint {where} is corrupt or unreadable: no parameter metadata")
+      raise DamagedCheckpoint(f"checkpoint {where} is corrupt or unreadable: no parameter metadata")
     check_tree_matches(abstract, meta, where)
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-    except Exception as e:
-      raise ValueError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
-  return model, restored["params"], step
+    restored = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    check_finite(restored["params"], f"checkpoint {where}")
+    return model, restored["params"]
+
+  with manager(directory, read_only=True) as mngr:
+    step, (model, variables) = restore_newest_intact(directory, step, restore, report)
+  return model, variables, step
 
 
 def abstract_variables(model: SPADNet) -> Any:
