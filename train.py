@@ -1,17 +1,22 @@
 """Train SPADNet: python train.py [--config configs/X.py] [--workdir DIR] [--config.FIELD=V].
 
 With no arguments it trains the embedded default (synthetic faces) into ./workdir. Running
-the same command again resumes from the latest checkpoint there.
+the same command again resumes from the newest intact checkpoint there (--step N: from
+step N). Exit status: 0 done, 1 error (one line; --verbosity=1 for the traceback),
+75 preempted (a checkpoint was saved: rerun the same command to resume).
 """
 from absl import app, flags
 from ml_collections import config_flags
 
-from spadnet_jax import distributed, platform
+from spadnet_jax import cli, distributed, platform
 
+DEFAULT_CONFIG = "configs/default.py"
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration file.",
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "./workdir", "Checkpoints, TensorBoard events and metrics.json.")
+flags.DEFINE_integer("step", None, "Resume from this checkpoint step instead of the newest "
+                     "intact one (newer steps are moved to checkpoints.set_aside/).")
 distributed.define_flags()
 
 
@@ -20,10 +25,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   platform.configure_xla_cpu()
   distributed.initialize_from_flags()
-  from spadnet_jax import trainer  # after jax.distributed.initialize
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from spadnet_jax import preemption, trainer  # after jax.distributed.initialize
+  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
+  return preemption.EXIT_CODE if "preempted_at" in result else 0
 
 
 if __name__ == "__main__":
   platform.restart_with_malloc_tunables()   # the program itself only, never an importer
-  app.run(main)
+  app.run(cli.reporting_errors(main), flags_parser=cli.flags_parser(DEFAULT_CONFIG))

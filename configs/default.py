@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.fsdp = 1                        # devices per parameter shard (1: pure data parallel)
   c.partition_rules = ()            # ((regex, PartitionSpec tuple | 'fsdp_auto'), ...)
   c.nonfinite = "stop"              # or "skip": drop the update and count it
+  c.max_skipped_fraction = 0.01     # nonfinite='skip': a run that skipped more fails at the end
+  c.preemption_sync_every = 10      # steps between the processes' stop-flag agreement (multi-process)
   c.log_every = 50
   c.eval_every = 500
   c.checkpoint_every = 500

@@ -14,6 +14,11 @@ def define_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
   flags.DEFINE_integer("num_processes", None, "Number of processes.")
   flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
+                       "process counts as lost; the others then exit (JAX's coordination "
+                       "service) instead of waiting for it.")
+  flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for every process to "
+                       "join at start-up.")
 
 
 def _cluster_detected() -> bool:
@@ -28,10 +33,12 @@ def initialize_from_flags() -> None:
   explicit = f.coordinator_address is not None
   if f.distributed == "off" or (f.distributed == "auto" and not explicit and not _cluster_detected()):
     return
+  timeouts = dict(heartbeat_timeout_seconds=f.heartbeat_timeout,
+                  initialization_timeout=f.initialization_timeout)
   if explicit:
     jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                               num_processes=f.num_processes, process_id=f.process_id)
+                               num_processes=f.num_processes, process_id=f.process_id, **timeouts)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,83 @@
+"""What train.py and eval.py share as programs: flag parsing and errors a person reads.
+
+A user's mistake (a bad config value or field, a missing or damaged file, a workdir in
+use, a full disk, a diverged run) ends as one line, `error: ...`, and exit status 1;
+the traceback only with --verbosity=1 or higher. A preempted run exits with
+preemption.EXIT_CODE.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Callable, Sequence
+
+from absl import flags
+
+from spadnet_jax import config_check, files
+
+USER_ERRORS = (ValueError, OSError, FloatingPointError, files.WorkdirInUse)
+
+
+def _config_file(argv: Sequence[str], default: str | None) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
+def _load_config(path: str):
+  spec = importlib.util.spec_from_file_location("_spadnet_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _unknown_override(argv: Sequence[str], path: str | None) -> str | None:
+  """The message for the first --config.FIELD override naming no field of the config."""
+  if not path:
+    return None
+  try:
+    cfg = _load_config(path)
+  except Exception:  # pylint: disable=broad-except  # the parser's own error says more
+    return None
+  known = set(config_check.field_names(cfg))
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      name = arg[len("--config."):].split("=", 1)[0]
+      if name not in known:
+        return f"{config_check.unknown_field_message(cfg, name)} ({path})"
+  return None
+
+
+def flags_parser(default_config: str | None) -> Callable[[list[str]], list[str]]:
+  """An absl flags parser that reports a bad flag or --config.FIELD override in one line."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except  # config_flags raises many types
+      message = _unknown_override(argv, _config_file(argv, default_config))
+      if message is None:
+        lines = str(e).strip().splitlines()
+        message = lines[-1] if lines else type(e).__name__
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(2)
+
+  return parse
+
+
+def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:
+  """Wrap an absl main so that user errors print one line and exit 1."""
+
+  def wrapped(argv: list[str]) -> int:
+    try:
+      return main(argv) or 0
+    except USER_ERRORS as e:
+      if flags.FLAGS.verbosity >= 1:
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+
+  return wrapped
