@@ -4,6 +4,9 @@ Reads the latest checkpoint of W (or PATH: a training checkpoint folder, one ste
 converter output), evaluates the configured test split and writes W/eval/<step>/:
 metrics.json, per_image.csv, sr/*.png and grids/*.png. The data configuration comes from
 --config, else W/config.json (written by train.py), else configs/default.py.
+Checkpoints are verified against their checksums: a damaged newest step is reported and
+the previous intact one evaluated; a damaged --step fails. Exit status 1 (one line) on a
+user error or when a summary metric is not finite.
 """
 import json
 import os
@@ -11,14 +14,14 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from spadnet_jax import distributed, platform
+from spadnet_jax import cli, distributed, platform
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (its data and eval fields).",
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "Training workdir: checkpoints/ inside, results to eval/.")
 flags.DEFINE_string("checkpoint", None, "A checkpoint folder instead of --workdir's latest.")
-flags.DEFINE_integer("step", None, "Evaluate this step instead of the latest.")
+flags.DEFINE_integer("step", None, "Evaluate this step instead of the newest intact one.")
 flags.DEFINE_string("split", None, "Data split (default: config.data.eval_split).")
 flags.DEFINE_enum("score", None, ["float", "png"], "Score the float output (official) or the "
                   "8-bit PNG (default: config.metric_score).")
@@ -55,9 +58,10 @@ def main(argv):
       split=FLAGS.split or cfg.data.eval_split, score=FLAGS.score or cfg.get("metric_score", "float"),
       batch_size=FLAGS.batch_size or cfg.eval_batch_size, num_images=FLAGS.num_images,
       num_grids=FLAGS.num_grids, save_images=FLAGS.save_images)
-  return 0 if summary else 1
+  del summary
+  return 0
 
 
 if __name__ == "__main__":
   platform.restart_with_malloc_tunables()   # the program itself only, never an importer
-  app.run(main)
+  app.run(cli.reporting_errors(main), flags_parser=cli.flags_parser(None))

@@ -55,4 +55,8 @@ def run(cfg: ml_collections.ConfigDict, source: str, step: int | None, out_root:
     path = evaluation.write_metrics(out_dir, result, extra)
     print(evaluation.format_table(result["summary"], text), flush=True)
     print(f"wrote {path}", flush=True)
+  bad = evaluation.nonfinite_metrics(result["summary"], heatmaps=model.heatmap_branch)
+  if bad:
+    raise FloatingPointError(f"checkpoint step {step} of {os.path.abspath(source)} gives "
+                             f"non-finite {', '.join(bad)} on {split}")
   return {**result["summary"], **extra}

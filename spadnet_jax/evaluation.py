@@ -145,6 +145,12 @@ def write_metrics(directory: str, result: dict[str, Any], extra: dict[str, Any] 
   return path
 
 
+def nonfinite_metrics(summary: dict[str, Any], heatmaps: bool = True) -> list[str]:
+  """Names of summary metrics that are not finite (NME only where heatmaps are predicted)."""
+  keys = [k for k in PER_IMAGE_KEYS if heatmaps or k != "nme"]
+  return [k for k in keys if not np.isfinite(summary.get(k, np.nan))]
+
+
 def format_table(summary: dict[str, Any], protocol: str) -> str:
   """The evaluation table printed by train.py and eval.py."""
   lines = [f"protocol: {protocol}", "| metric | SPADNet | bicubic |", "|---|---|---|",

@@ -26,11 +26,39 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_inputs(path: str) -> list[str]:
+  """The image files named by `path` (a file or a folder); FileNotFoundError when none."""
   if os.path.isdir(path):
-    return sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(EXTENSIONS))
+    found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                   if n.lower().endswith(EXTENSIONS))
+    if not found:
+      raise FileNotFoundError(f"input folder {path} holds no images ({', '.join(EXTENSIONS)})")
+    return found
   if os.path.isfile(path):
     return [path]
   raise FileNotFoundError(f"input {path} does not exist")
+
+
+def output_names(paths: list[str]) -> dict[str, str]:
+  """A distinct PNG name per input: its stem, or its whole name where stems collide
+  (face.jpg and face.png become face.jpg.png and face.png.png)."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  counts = {s: stems.count(s) for s in stems}
+  names = {p: (s if counts[s] == 1 else os.path.basename(p)) + ".png" for p, s in zip(paths, stems)}
+  if len(set(names.values())) != len(paths):          # same name in different folders
+    names = {p: f"{i:05d}_{n}" for i, (p, n) in enumerate(names.items())}
+  return names
+
+
+def prepare_output(path: str) -> None:
+  """Create the output folder, or fail naming it, before any model is loaded."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"--output {path} is a file; give a folder for the SR images")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise OSError(f"--output {path} cannot be created ({e.strerror})") from e
+  if not os.access(path, os.W_OK):
+    raise PermissionError(f"--output {path} is not writable")
 
 
 def load_lr(path: str, lr_size: int) -> tuple[np.ndarray, str | None]:
@@ -59,11 +87,12 @@ def load_lr(path: str, lr_size: int) -> tuple[np.ndarray, str | None]:
 
 def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8) -> int:
   """Super-resolve every image under `inputs`; returns the number of failed files."""
+  files, failures = list_inputs(inputs), 0
+  names = output_names(files)
+  prepare_output(output)
   model, variables, step = checkpoint.load_model(checkpoint_path)
   lr_size = 128 // model.scale
   apply = jax.jit(lambda v, x: model.apply(v, x)[0])
-  files, failures = list_inputs(inputs), 0
-  os.makedirs(output, exist_ok=True)
   pending: list[tuple[str, np.ndarray]] = []
 
   def flush():
@@ -75,7 +104,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8)
     x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
     sr = np.asarray(apply(variables, x))
     for (path, _), img in zip(pending, sr):
-      out = os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".png")
+      out = os.path.join(output, names[path])
       visualize.save_png(out, img)
       print(f"{path} -> {out}")
     pending.clear()
@@ -109,7 +138,11 @@ def main(argv: list[str]) -> int:
   p.add_argument("--output", required=True, help="folder for the SR PNGs")
   p.add_argument("--batch_size", type=int, default=8)
   a = p.parse_args(argv)
-  return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size) else 0
+  try:
+    return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size) else 0
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
