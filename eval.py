@@ -51,6 +51,7 @@ def main(argv):
   platform.configure_xla_cpu()
   distributed.initialize_from_flags()
   from spadnet_jax import evaluate_lib  # after jax.distributed.initialize
+  cli.quiet_logging()
   cfg = _config()
   source = FLAGS.checkpoint or os.path.join(FLAGS.workdir, "checkpoints")
   summary = evaluate_lib.run(

@@ -8,7 +8,7 @@ step N). Exit status: 0 done, 1 error (one line; --verbosity=1 for the traceback
 from absl import app, flags
 from ml_collections import config_flags
 
-from spadnet_jax import cli, distributed, platform
+from spadnet_jax import cli, distributed, platform, preemption
 
 DEFAULT_CONFIG = "configs/default.py"
 FLAGS = flags.FLAGS
@@ -25,7 +25,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   platform.configure_xla_cpu()
   distributed.initialize_from_flags()
-  from spadnet_jax import preemption, trainer  # after jax.distributed.initialize
+  from spadnet_jax import trainer  # after jax.distributed.initialize
+  cli.quiet_logging()
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
   return preemption.EXIT_CODE if "preempted_at" in result else 0
 

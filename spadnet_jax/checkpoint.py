@@ -107,6 +107,12 @@ def _file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
   return out
 
 
+def step_bytes(directory: str, step: int) -> int:
+  """Bytes on disk of one step."""
+  return sum(os.path.getsize(os.path.join(r, f))
+             for r, _, names in os.walk(_step_dir(directory, step)) for f in names)
+
+
 def is_sealed(directory: str, step: int) -> bool:
   return os.path.isfile(os.path.join(_step_dir(directory, step), CHECKSUMS))
 
@@ -193,18 +199,20 @@ def restore_newest_intact(directory: str, step: int | None, restore: Callable[[i
     candidates = available
   if not candidates:
     raise FileNotFoundError(f"{directory} holds no checkpoint steps")
-  for s in candidates:
+  errors = []
+  for i, s in enumerate(candidates):
     try:
       if not verify(directory, s):
         report(f"checkpoint step {s} has no checksums (written before they were kept); "
                "not verified")
       return s, _restore_or_damaged(directory, s, restore)
     except DamagedCheckpoint as e:
-      if step is not None:
+      if len(candidates) == 1:
         raise
-      report(f"{e}; trying the previous step")
-  raise DamagedCheckpoint(f"every checkpoint step in {directory} is damaged "
-                          f"({sorted(candidates)})")
+      errors.append(str(e))
+      if i + 1 < len(candidates):
+        report(f"{e}; trying the previous step")
+  raise DamagedCheckpoint(f"every checkpoint step in {directory} is damaged: " + "; ".join(errors))
 
 
 def _restore_or_damaged(directory: str, step: int, restore: Callable[[int], Any]) -> Any:

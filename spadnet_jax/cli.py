@@ -11,7 +11,9 @@ import importlib.util
 import sys
 from typing import Callable, Sequence
 
-from absl import flags
+import logging as std_logging
+
+from absl import flags, logging as absl_logging
 
 from spadnet_jax import config_check, files
 
@@ -68,6 +70,26 @@ def flags_parser(default_config: str | None) -> Callable[[list[str]], list[str]]
   return parse
 
 
+def quiet_logging() -> None:
+  """Library log records (absl, Orbax, asyncio) are hidden unless --verbosity was given:
+  a person reads the program's own lines. Call after the libraries are imported."""
+  if flags.FLAGS["verbosity"].present:
+    return
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  for name in ("asyncio", "jax", "orbax", "tensorflow_datasets"):
+    std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
+  default_hook = sys.excepthook
+
+  def hook(kind, value, tb):
+    # After a failed asynchronous save, TensorStore completes its writes into Orbax's
+    # closed event loop and prints each one; the save's own error is reported instead.
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    default_hook(kind, value, tb)
+
+  sys.excepthook = hook
+
+
 def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:
   """Wrap an absl main so that user errors print one line and exit 1."""
 
@@ -77,7 +99,8 @@ def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[
     except USER_ERRORS as e:
       if flags.FLAGS.verbosity >= 1:
         raise
-      print(f"error: {e}", file=sys.stderr)
+      std_logging.disable(std_logging.CRITICAL)     # nothing after the one line
+      print(f"error: {e}", file=sys.stderr, flush=True)
       return 1
 
   return wrapped

@@ -8,7 +8,8 @@ that stopped on its own would block the others in the next step's collective.
 from __future__ import annotations
 
 import signal
-from typing import Callable
+import threading
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -18,7 +19,11 @@ EXIT_CODE = 75        # EX_TEMPFAIL: the run was preempted, rerun the same comma
 
 
 class StopRequest:
-  """A context manager turning SIGTERM into a flag; `agreed(step)` is the collective check."""
+  """A context manager turning SIGTERM into a flag; `agreed(step)` is the collective check.
+
+  Enter it after jax.distributed.initialize: its Python handler then replaces the one the
+  coordination service installs, whose preemption sync point is still consulted.
+  """
 
   def __init__(self, sync_every: int = 1, reached_sync_point: Callable[[int], bool] | None = None):
     self.sync_every = sync_every
@@ -27,10 +32,10 @@ class StopRequest:
     self._previous = None
 
   def __enter__(self) -> "StopRequest":
-    try:
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:          # not the main thread: only the coordination service's sync
-      self._previous = None
+      # Restart interrupted system calls: a collective's socket I/O must not see EINTR.
+      signal.siginterrupt(signal.SIGTERM, False)
     return self
 
   def _handle(self, signum, frame) -> None:
@@ -38,18 +43,25 @@ class StopRequest:
     self.requested = True
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
+    # After a stop was requested the process is winding down: a second SIGTERM during its
+    # teardown must not turn the preempted exit into death by signal, so the flag stays.
+    if self._previous is not None and not self.requested:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self, step: int) -> bool:
-    """Whether every process stops after `step`: the same answer on every process."""
+  def agreed(self, step: int, pending: Any = None) -> bool:
+    """Whether every process stops after `step`: the same answer on every process.
+
+    Call it after every step. The flags are gathered every `sync_every` steps; `pending`
+    (e.g. the train state) is waited for first, so that the flags' collective never runs
+    while another program's collectives are in flight. The coordination service's sync
+    point (checked every step, as it requires) is the same on every process too.
+    """
+    stop = self.reached_sync_point is not None and self.reached_sync_point(step)
     if jax.process_count() == 1:
-      stop = self.requested
-    elif step % self.sync_every:
-      return False
-    else:
+      stop = stop or self.requested
+    elif step % self.sync_every == 0:
+      jax.block_until_ready(pending)
       flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-      stop = bool(np.any(flags))
-    if self.reached_sync_point is not None and self.reached_sync_point(step):
-      stop = True
+      stop = stop or bool(np.any(flags))
+    self.requested = self.requested or stop      # stopping: keep the handler (see __exit__)
     return stop

@@ -4,6 +4,7 @@ train_and_evaluate(config, workdir) is what train.py runs. The same code runs on
 simulated CPU devices, a GPU or several hosts; only the mesh differs.
 """
 
+import contextlib
 import errno
 import functools
 import os
@@ -15,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
@@ -153,6 +155,9 @@ def _from_items(inference: Any, t: dict[str, Any], ema: bool) -> TrainState:
 class DiskFull(OSError):
   """No space left while writing a checkpoint; earlier steps are untouched."""
 
+  def __str__(self) -> str:
+    return self.strerror
+
 
 def _is_disk_full(e: BaseException | None) -> bool:
   while e is not None:
@@ -209,19 +214,21 @@ def _resume(ckpt_dir: str, step: int | None, abstract: TrainState, report: Calla
   return result
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
-                       step: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                       stop: preemption.StopRequest | None = None) -> dict[str, Any]:
   """Train (resuming from workdir's newest intact checkpoint, or `step`), then evaluate.
 
-  Returns the summary, or {'preempted_at': step} when a stop request ended training early.
-  One run per workdir: a second one fails with files.WorkdirInUse naming the holder.
+  Returns the summary, or {'preempted_at': step} when a stop request (SIGTERM; `stop`,
+  when a program installed its handler earlier) ended training early. One run per
+  workdir: a second one fails with files.WorkdirInUse naming the holder.
   """
   mesh = sharding.make_mesh(cfg.fsdp)
   validate_config(cfg, mesh.size)
   model = build_model(cfg)
   workdir = os.path.abspath(workdir)
   with files.WorkdirLock(workdir, jax.process_index()), \
-       preemption.StopRequest(cfg.preemption_sync_every) as stop:
+       (contextlib.nullcontext(stop) if stop else preemption.StopRequest()) as stop:
+    stop.sync_every = cfg.preemption_sync_every
     return _train(cfg, workdir, mesh, model, step, stop)
 
 
@@ -354,12 +361,28 @@ class _Saver:
         f"non-finite loss, gradient or updated state at step {first} (config.nonfinite='stop'); "
         f"the update was not applied and training stopped at step {at}; {good}")
 
+  def _check_space(self, state: TrainState, at: int) -> None:
+    """Refuse a save the disk cannot hold (about the size of the newest step, or of the
+    state before the first save), before Orbax starts writing it. The processes agree."""
+    newest = checkpoint.steps(self.ckpt_dir)
+    if newest:
+      need = checkpoint.step_bytes(self.ckpt_dir, newest[0])
+    else:
+      need = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    short = shutil.disk_usage(self.ckpt_dir).free < 1.1 * need + (1 << 20)
+    if jax.process_count() > 1:
+      jax.block_until_ready(state)
+      short = bool(multihost_utils.process_allgather(np.asarray(short)).any())
+    if short:
+      raise self._error(OSError(errno.ENOSPC, "No space left on device"), at)
+
   def save(self, state: TrainState, at: int, examples_seen: int,
            metrics: dict[str, float] | None = None) -> None:
     self.check_finite(state, at)
     if self.mngr.latest_step() == at:
       return
     self.seal_saved()
+    self._check_space(state, at)
     try:
       checkpoint.save_train(self.mngr, at, self.model, inference_params(state), _train_item(state),
                             {"examples_seen": examples_seen, "batch_size": self.cfg.batch_size},
@@ -440,7 +463,7 @@ def _loop(cfg, train_step, iterator, mesh, state, step, num_steps, steps_per_epo
       if evaluated is not None or step % cfg.checkpoint_every == 0 or step == num_steps:
         saver.save(state, step, examples_seen,
                    None if evaluated is None else {"psnr_y": evaluated["psnr_y"]})
-      if step < num_steps and stop.agreed(step):
+      if step < num_steps and stop.agreed(step, pending=state):
         saver.save(state, step, examples_seen)
         return state, step, True
   return state, step, False

@@ -1,4 +1,5 @@
 """Data: LR kernels, heatmaps, augmentation, tfds builders, bad input and the grain pipeline."""
+import os
 import pickle
 import subprocess
 import sys
@@ -303,13 +304,22 @@ def _bad_cases():
     entries.pop("00003.png")
   def outside(hr, entries):
     entries["00002.png"] = np.full((68, 2), 140.0, np.float32)
+  def nan(hr, entries):
+    pts = np.asarray(entries["00003.png"], np.float32).copy()
+    pts[30] = [np.nan, 64.0]
+    entries["00003.png"] = pts
+  def inf(hr, entries):
+    entries["00000.png"]["landmark"][5, 1] = np.inf     # the bbox entry
   return [(truncated, r"00001.png: unreadable or truncated image"),
           (wrong_size, r"00002.png: image is 100x100, expected 128x128"),
           (no_entry, r"00003.png: no entry for '00003.png'"),
-          (outside, r"00002.png: landmark 0 at \(140.0, 140.0\) lies outside")]
+          (outside, r"00002.png: landmark 0 at \(140.0, 140.0\) lies outside"),
+          (nan, r"00003.png: landmark 30 is not finite \(nan, 64.0\)"),
+          (inf, r"00000.png: landmark 5 is not finite \(.*, inf\)")]
 
 
-@pytest.mark.parametrize("bad,message", _bad_cases(), ids=["truncated", "size", "entry", "outside"])
+@pytest.mark.parametrize("bad,message", _bad_cases(),
+                         ids=["truncated", "size", "entry", "outside", "nan", "inf"])
 def test_bad_input_is_named_or_skipped(tmp_path, capsys, bad, message):
   _write_folder(tmp_path / "manual", bad=bad)
   with pytest.raises(builders.BadExample, match=message):
@@ -317,6 +327,40 @@ def test_bad_input_is_named_or_skipped(tmp_path, capsys, bad, message):
   builder = _build(tmp_path / "manual", tmp_path / "tfds2", skip_bad_examples=True)
   assert len(builder.as_data_source("train")) == 3
   assert "skipped 1 bad examples" in capsys.readouterr().out
+
+
+def test_grayscale_and_rgba_faces_are_converted_and_counted(tmp_path, capsys):
+  def modes(hr, entries):
+    Image.open(hr / "00002.png").convert("L").save(hr / "00002.png")
+    Image.open(hr / "00003.png").convert("RGBA").save(hr / "00003.png")
+  _write_folder(tmp_path / "manual", bad=modes)
+  builder = _build(tmp_path / "manual", tmp_path / "tfds")
+  assert len(builder.as_data_source("train")) == 4
+  assert "converted to RGB in" in capsys.readouterr().out
+  name = lambda e: e["filename"].decode() if isinstance(e["filename"], bytes) else e["filename"]
+  ex = {name(e): e for e in builder.as_data_source("train")}
+  gray = ex["00002.png"]["hr"]
+  assert gray.shape == (128, 128, 3) and (gray[..., 0] == gray[..., 1]).all()
+
+
+def test_a_prepared_copy_from_another_source_is_refused(tmp_path):
+  _write_folder(tmp_path / "a")
+  _write_folder(tmp_path / "b")
+  cfg = _cfg(name="face_folder/helen", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "a"),
+             skip_bad_examples=False)
+  pipeline.load_builder(cfg)
+  pipeline.load_builder(cfg)                                   # same source: reused
+  cfg.manual_dir = str(tmp_path / "b")
+  with pytest.raises(ValueError, match=r"was built from another source \(manual_dir: built "
+                     r"'.*/a', now '.*/b'.*delete that folder"):
+    pipeline.load_builder(cfg)
+  cfg.manual_dir, cfg.skip_bad_examples = str(tmp_path / "a"), True
+  with pytest.raises(ValueError, match=r"skip_bad_examples: built False, now True"):
+    pipeline.load_builder(cfg)
+  os.utime(tmp_path / "a" / "train" / "HR" / "00001.png", ns=(1, 1))  # the source changed
+  cfg.skip_bad_examples = False
+  with pytest.raises(ValueError, match=r"fingerprint: built"):
+    pipeline.load_builder(cfg)
 
 
 def test_missing_split_folder_is_named(tmp_path):

@@ -94,8 +94,12 @@ def test_corrupt_checkpoint_is_named(trained, tmp_path):
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
-  with pytest.raises(ValueError, match=r"ckpt/2/params is corrupt or unreadable"):
+  with pytest.raises(checkpoint.DamagedCheckpoint,
+                     match=r"checkpoint step 2 is damaged: .*ckpt/2/params/.* has 7 bytes"):
     checkpoint.load_model(bad)
+  os.remove(os.path.join(bad, "2", checkpoint.CHECKSUMS))   # unverifiable: Orbax's own check
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=r"checkpoint step 2 in .*ckpt cannot be restored"):
+    checkpoint.load_model(bad, report=lambda msg: None)
 
 
 def test_predict_folder_with_bad_files(trained, tmp_path):

@@ -41,3 +41,24 @@ def run_train(workdir: str, data_dir: str, *flags: str, devices: int = 1, env=No
 def losses(output: str) -> dict[int, float]:
   return {int(m.group(1)): float(m.group(2))
           for m in re.finditer(r"^step (\d+)/\d+ loss ([0-9.eE+-]+|nan)", output, re.M)}
+
+
+def start_processes(workdir: str, data_dir: str, *flags: str, count: int = 2,
+                    devices: int = 2) -> list[subprocess.Popen]:
+  """Start a `count`-process train.py run on 127.0.0.1 (gloo), each with `devices` CPUs."""
+  import portpicker
+  port = portpicker.pick_unused_port()
+  return [run_train(workdir, data_dir, *flags, f"--coordinator_address=127.0.0.1:{port}",
+                    f"--num_processes={count}", f"--process_id={i}", devices=devices, popen=True)
+          for i in range(count)]
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 300) -> str:
+  """Read proc's output until a line starts with `prefix`; returns what was read."""
+  import time
+  lines, deadline = [], time.time() + timeout
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith(prefix) or time.time() > deadline:
+      break
+  return "".join(lines)

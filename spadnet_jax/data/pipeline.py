@@ -55,6 +55,7 @@ def load_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   manual_dir = cfg.get("manual_dir") or None
   with provenance.build_lock(builder):
     if builder.is_prepared():
+      builder = tfds.builder(cfg.name, **kwargs)    # another process may have just built it
       provenance.check(builder, cfg)
       return builder
     if cfg.name.startswith("face_folder") and not manual_dir:
