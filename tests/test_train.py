@@ -157,11 +157,16 @@ def test_eight_devices_match_one_and_restore_onto_one(tmp_path, data_dir):
   assert set(l8) == {1, 2}
   for s in l8:
     assert l8[s] == pytest.approx(l1[s], rel=2e-3, abs=2e-4)
-  # Restore the 8-device checkpoint on 1 device and finish; it ends where the 1-device run did.
-  resumed = run_train(str(tmp_path / "eight"), data_dir, "--config.num_train_steps=4")
+  # The 8-device checkpoint resumes on 1 device (step 3), that one on 8 again (step 4);
+  # both continue where the 1-device run was.
+  resumed = run_train(str(tmp_path / "eight"), data_dir, "--config.num_train_steps=3")
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert "resumed from step 2" in resumed.stdout
-  l_resumed = losses(resumed.stdout)
+  back = run_train(str(tmp_path / "eight"), data_dir, "--config.num_train_steps=4", devices=8)
+  assert back.returncode == 0, back.stdout + back.stderr
+  assert "resumed from step 3" in back.stdout and "on 8 device(s)" in back.stdout
+  l_resumed = {**losses(resumed.stdout), **losses(back.stdout)}
+  assert set(l_resumed) == {3, 4}
   for s in (3, 4):
     assert l_resumed[s] == pytest.approx(l1[s], rel=2e-3, abs=2e-4)
 
@@ -207,3 +212,14 @@ def test_rerunning_a_finished_run_evaluates_without_compiling_the_train_step(
   summary = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path))
   assert "training already finished at step 2" in capsys.readouterr().out
   assert summary["step"] == 2 and np.isfinite(summary["psnr_y"])
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.foo=1", "error: config has no field 'foo' (tests/tiny_config.py)"),
+    ("--config.optimizer.learning_rat=1", "error: config has no field 'optimizer.learning_rat' "
+     "(did you mean 'optimizer.learning_rate'?) (tests/tiny_config.py)"),
+])
+def test_unknown_config_field_is_one_line(tmp_path, data_dir, flag, message):
+  r = run_train(str(tmp_path), data_dir, flag)
+  assert r.returncode == 2 and r.stderr.strip() == message, r.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "checkpoints")
