@@ -8,10 +8,9 @@ preemption.EXIT_CODE.
 from __future__ import annotations
 
 import importlib.util
+import logging as std_logging
 import sys
 from typing import Callable, Sequence
-
-import logging as std_logging
 
 from absl import flags, logging as absl_logging
 
@@ -78,16 +77,6 @@ def quiet_logging() -> None:
   absl_logging.set_verbosity(absl_logging.FATAL)
   for name in ("asyncio", "jax", "orbax", "tensorflow_datasets"):
     std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
-  default_hook = sys.excepthook
-
-  def hook(kind, value, tb):
-    # After a failed asynchronous save, TensorStore completes its writes into Orbax's
-    # closed event loop and prints each one; the save's own error is reported instead.
-    if kind is RuntimeError and str(value) == "Event loop is closed":
-      return
-    default_hook(kind, value, tb)
-
-  sys.excepthook = hook
 
 
 def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:
