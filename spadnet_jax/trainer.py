@@ -4,7 +4,6 @@ train_and_evaluate(config, workdir) is what train.py runs. The same code runs on
 simulated CPU devices, a GPU or several hosts; only the mesh differs.
 """
 
-import contextlib
 import errno
 import functools
 import os
@@ -214,21 +213,20 @@ def _resume(ckpt_dir: str, step: int | None, abstract: TrainState, report: Calla
   return result
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                       stop: preemption.StopRequest | None = None) -> dict[str, Any]:
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       step: int | None = None) -> dict[str, Any]:
   """Train (resuming from workdir's newest intact checkpoint, or `step`), then evaluate.
 
-  Returns the summary, or {'preempted_at': step} when a stop request (SIGTERM; `stop`,
-  when a program installed its handler earlier) ended training early. One run per
-  workdir: a second one fails with files.WorkdirInUse naming the holder.
+  Returns the summary, or {'preempted_at': step} when a stop request (SIGTERM) ended
+  training early. One run per workdir: a second one fails with files.WorkdirInUse
+  naming the holder.
   """
   mesh = sharding.make_mesh(cfg.fsdp)
   validate_config(cfg, mesh.size)
   model = build_model(cfg)
   workdir = os.path.abspath(workdir)
   with files.WorkdirLock(workdir, jax.process_index()), \
-       (contextlib.nullcontext(stop) if stop else preemption.StopRequest()) as stop:
-    stop.sync_every = cfg.preemption_sync_every
+       preemption.StopRequest(cfg.preemption_sync_every) as stop:
     return _train(cfg, workdir, mesh, model, step, stop)
 
 

@@ -8,8 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -122,19 +122,13 @@ def test_resume_falls_back_and_sets_the_damaged_step_aside(trained, tmp_path, da
 def test_non_finite_parameters_are_never_loaded(trained, tmp_path, data_dir):
   _, ckpts = _copy(trained, tmp_path)
   model, variables, _ = checkpoint.load_model(ckpts, step=2)
-  bad = jax_tree_nan(variables)
+  bad = jax.tree_util.tree_map(lambda a: np.full_like(np.asarray(a), np.nan), variables)
   checkpoint.save_inference_checkpoint(str(tmp_path / "nan"), model, bad)
   with pytest.raises(checkpoint.DamagedCheckpoint, match=r"holds non-finite values"):
     checkpoint.load_model(str(tmp_path / "nan"))
 
 
-def jax_tree_nan(variables):
-  import jax
-  return jax.tree_util.tree_map(lambda a: np.full_like(np.asarray(a), np.nan), variables)
-
-
 def test_eval_exits_non_zero_on_non_finite_metrics(trained, tmp_path, data_dir):
-  import jax
   model, variables, _ = checkpoint.load_model(os.path.join(trained, "checkpoints"))
   huge = jax.tree_util.tree_map(lambda a: np.asarray(a) * 1e30, variables)   # finite weights
   ckpt = str(tmp_path / "huge")
