@@ -18,14 +18,29 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from spadnet_jax import files
+from spadnet_jax import files, models
 from spadnet_jax.models import SPADNet
 
 _RCAB = {"conv1": "body.0", "conv2": "body.2", "attention/reduce": "body.3.conv_du.0",
          "attention/expand": "body.3.conv_du.2"}
 _HAB = {"conv_sr": "conv1_SR", "conv_guide": "conv1_heatmap", "gsac": "conv2_heatmap",
         "lsac": "pacconv1", "fuse": "conv3", "out": "conv2"}
-_LEAF = {"kernel": "weight", "bias": "bias", "inv_alpha": "inv_alpha", "inv_lambda": "inv_lambda"}
+_LEAF = {"kernel": "weight", "bias": "bias"}
+# The PAC kernels the official PacConv2d knows, and the names of their learnable scalars there.
+OFFICIAL_PAC_KERNELS = {"gaussian": {}, "inverse": {"inv_alpha": "inv_alpha", "inv_lambda": "inv_lambda"}}
+
+
+def _leaf_name(path: tuple[str, ...]) -> str:
+  """Official name of a parameter leaf: weight/bias, or a PAC kernel's scalar that the
+  official code has; any other kernel scalar is refused by name."""
+  leaf = path[-1]
+  if leaf in _LEAF:
+    return _LEAF[leaf]
+  official = {k: v for names in OFFICIAL_PAC_KERNELS.values() for k, v in names.items()}
+  if path[-2:-1] == ("lsac",) and leaf in official:
+    return official[leaf]
+  raise ValueError(f"parameter {'/'.join(path)} has no counterpart in the official model (its PAC "
+                   f"kernels are {sorted(OFFICIAL_PAC_KERNELS)} with scalars {sorted(official)})")
 
 
 def _branch_offset(num_stages: int) -> int:
@@ -35,9 +50,8 @@ def _branch_offset(num_stages: int) -> int:
 
 def official_key(path: tuple[str, ...], num_stages: int) -> str:
   """Official state_dict key of the Flax parameter at `path` (e.g. ('head', 'kernel'))."""
-  *mods, leaf = path
-  mod = "/".join(mods)
-  suffix = _LEAF[leaf]
+  mod = "/".join(path[:-1])
+  suffix = _leaf_name(path)
   if mod == "head":
     return f"head.1.{suffix}"
   if mod in ("sr_out", "hm_out"):
@@ -160,8 +174,7 @@ def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = Tr
     if name in inferred and value != inferred[name]:
       raise ValueError(f"{name}={value!r} was requested but the state dict is for "
                        f"{name}={inferred[name]!r}")
-  model = SPADNet(**{**inferred, **model_fields})
-  model.check()
+  model = models.from_config({**inferred, **model_fields})
   abstract = jax.eval_shape(model.init, jax.random.key(0), model.example_input())
   flat = traverse_util.flatten_dict(abstract["params"])
   params, used = {}, set()
@@ -183,7 +196,13 @@ def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = Tr
 
 
 def to_official(model: SPADNet, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Flax variables -> official state dict (torch names and layouts) as NumPy arrays."""
+  """Flax variables -> official state dict (torch names and layouts) as NumPy arrays.
+
+  A model the official code cannot express (a PAC kernel it does not have) is refused.
+  """
+  if model.pac_kernel not in OFFICIAL_PAC_KERNELS:
+    raise ValueError(f"PAC kernel {model.pac_kernel!r} has no official counterpart; the official "
+                     f"model knows {sorted(OFFICIAL_PAC_KERNELS)}")
   flat = traverse_util.flatten_dict(dict(variables["params"]))
   return {official_key(path, model.num_stages): flax_to_torch(v) for path, v in flat.items()}
 
@@ -221,7 +240,7 @@ def main(argv: list[str]) -> int:
   fields = {} if args.gsac_gate is None else {"gsac_gate": args.gsac_gate}
   model, variables = from_official(args.source, strict=not args.no_strict, **fields)
   where = checkpoint.save_inference_checkpoint(args.output, model, variables, step=0)
-  print(f"wrote {where}: {checkpoint.model_config(model)}")
+  print(f"wrote {where}: {models.to_config(model)}")
   return 0
 
 

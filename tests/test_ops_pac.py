@@ -143,12 +143,13 @@ def test_fused_bfloat16_accumulates_in_float32(data):
 
 def test_unrolled_tap_path_of_accelerators_matches(data, monkeypatch):
   """GPUs/TPUs run other paths (unrolled taps, the einsum's backward, 'auto' = einsum): check them."""
-  from spadnet_jax.ops import pac
+  from spadnet_jax.ops import pac_formulations, windows
   h, x, w, b = (jnp.asarray(a, jnp.float32) for a in data)
   loss = lambda impl: (lambda x, h, w, b: jnp.sum(jnp.sin(ops.pac_conv(x, ops.gaussian_kernel(h), w, b,
                                                                        impl=impl))))
   ref = jax.grad(loss("fused"), argnums=(0, 1, 2, 3))(x, h, w, b)
-  monkeypatch.setattr(pac, "by_platform", lambda cpu, default, *args: default(*args))
+  for module in (pac_formulations, windows):
+    monkeypatch.setattr(module, "by_platform", lambda cpu, default, *args: default(*args))
   for impl in ("fused", "auto"):
     got = jax.grad(loss(impl), argnums=(0, 1, 2, 3))(x, h, w, b)
     for a, r in zip(got, ref):
@@ -183,13 +184,13 @@ def test_squared_distances_5x5_window_matches_loop(rng):
 @pytest.mark.parametrize("rows", [1, 2, 3, 6])
 def test_banded_backward_matches_the_reference_for_any_band(rng, rows):
   """The CPU backward pass (all gradients band of rows by band) equals the einsum's autodiff."""
-  from spadnet_jax.ops import pac
+  from spadnet_jax.ops import pac_formulations
   x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)).astype(np.float32))
   k = jnp.asarray(rng.uniform(size=(2, 6, 5, 9)).astype(np.float32))
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
   b = jnp.asarray(rng.standard_normal((4,)).astype(np.float32))
   g = jnp.asarray(rng.standard_normal((2, 6, 5, 4)).astype(np.float32))
-  got = pac._fused_bwd_banded((x, k, w, b), g, rows)
+  got = pac_formulations._fused_bwd_banded((x, k, w, b), g, rows)
   ref = jax.vjp(ops.pac_conv_einsum, x, k, w, b)[1](g)
   for a, r in zip(got, ref):
     assert a.shape == r.shape
@@ -197,9 +198,9 @@ def test_banded_backward_matches_the_reference_for_any_band(rng, rows):
 
 
 def test_band_rows_make_bands_of_about_1024_pixels():
-  from spadnet_jax.ops import pac
+  from spadnet_jax.ops import pac_formulations
   # (image height, pixels per row of the whole batch): batch 8 at 64x64, 128x128, 16x16...
-  assert [pac._band_rows(h, p) for h, p in [(64, 512), (128, 1024), (16, 128), (5, 6), (7, 5000)]] == [
+  assert [pac_formulations.band_rows(h, p) for h, p in [(64, 512), (128, 1024), (16, 128), (5, 6), (7, 5000)]] == [
       2, 1, 8, 5, 1]
 
 

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from spadnet_jax import convert
+from spadnet_jax import convert, ops
 from tests.conftest import fixture_path
 
 
@@ -24,7 +24,7 @@ def test_small_fixtures(name, scale):
   assert (model.scale, model.number, model.num_habs) == (scale, 2, 1)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "shifted"])
+@pytest.mark.parametrize("impl", sorted(ops.PAC_IMPLS))
 def test_every_pac_formulation_keeps_parity(impl):
   assert _check("official_x8_small", pac_impl=impl).pac_impl == impl
 

@@ -1,6 +1,7 @@
 """SPADNet's building blocks as thin Flax modules over spadnet_jax.ops (NHWC)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -72,59 +73,60 @@ class Upsample2x(nn.Module):
 class PacConv(nn.Module):
   """LSAC: a 3x3 pixel-adaptive convolution whose per-pixel kernel comes from `guide`.
 
-  Parameters mirror a 3x3 Conv (kernel (3, 3, Cin, Cout), bias); the inverse kernel
-  adds two learnable scalars.
+  Parameters mirror a 3x3 Conv (kernel (3, 3, Cin, Cout), bias), plus the learnable
+  scalars the registered kernel declares (ops.KERNELS), under their declared names.
   """
   features: int
   kernel_type: str = "gaussian"
   impl: str = "auto"
-  inv_alpha: float = 0.0
-  inv_lambda: float = -1.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, guide: jnp.ndarray) -> jnp.ndarray:
-    cin = x.shape[-1]
-    w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features))
+    kernel = ops.get_kernel(self.kernel_type)
+    w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
     b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    if self.kernel_type == "gaussian":
-      k = ops.gaussian_kernel(guide, 3)
-    elif self.kernel_type == "inverse":
-      alpha = self.param("inv_alpha", nn.initializers.constant(self.inv_alpha), ())
-      lam = self.param("inv_lambda", nn.initializers.constant(self.inv_lambda), ())
-      k = ops.inverse_kernel(guide, 3, alpha.astype(self.dtype), lam.astype(self.dtype))
-    else:
-      raise ValueError(f"unknown PAC kernel type {self.kernel_type!r}; known: {sorted(ops.KERNELS)}")
+    scalars = {name: self.param(name, nn.initializers.constant(init), ()).astype(self.dtype)
+               for name, init in kernel.params.items()}
+    k = kernel.fn(guide, 3, **scalars)
     return ops.pac_conv(x, k.astype(self.dtype), w.astype(self.dtype), b.astype(self.dtype),
                         impl=self.impl)
+
+
+@dataclasses.dataclass(frozen=True)
+class HabOptions:
+  """What a heatmap attention block computes: the PAC kernel and formulation, the GSAC
+  gate layout, and which dynamic paths are on (ablations)."""
+  pac_kernel: str = "gaussian"
+  pac_impl: str = "auto"
+  gsac_gate: str = "official"
+  use_lsac: bool = True
+  use_gsac: bool = True
 
 
 class HAB(nn.Module):
   """Heatmap attention block (official HeatmapAttentionBlock35G2).
 
   s = conv(x), h = conv(guide); f1 = LSAC(s, h); f2 = GSAC gate(h) * s;
-  out = x + conv(relu(conv(concat(f1, f2)))). `use_lsac`/`use_gsac` drop either path
-  (ablations); with both off the fusion sees s alone.
+  out = x + conv(relu(conv(concat(f1, f2)))). `options.use_lsac`/`use_gsac` drop either
+  path (ablations); with both off the fusion sees s alone.
   """
-  pac_kernel: str = "gaussian"
-  pac_impl: str = "auto"
-  gsac_gate: str = "official"
-  use_lsac: bool = True
-  use_gsac: bool = True
+  options: HabOptions = HabOptions()
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, guide: jnp.ndarray) -> jnp.ndarray:
+    o = self.options
     n, height, width, c = x.shape
     s = conv3x3(c, "conv_sr", self.dtype)(x)
     h = conv3x3(c, "conv_guide", self.dtype)(guide)
     paths = []
-    if self.use_lsac:
-      paths.append(PacConv(c, self.pac_kernel, self.pac_impl, dtype=self.dtype, name="lsac")(s, h))
-    if self.use_gsac:
+    if o.use_lsac:
+      paths.append(PacConv(c, o.pac_kernel, o.pac_impl, dtype=self.dtype, name="lsac")(s, h))
+    if o.use_gsac:
       pooled = jnp.mean(h, axis=(1, 2), keepdims=True)                 # (N, 1, 1, C)
       g = nn.sigmoid(conv3x3(c, "gsac", self.dtype)(pooled)).reshape(n, c)
-      paths.append(ops.gate_map(g, height, width, self.gsac_gate) * s)
+      paths.append(ops.gate_map(g, height, width, o.gsac_gate) * s)
     f = jnp.concatenate(paths, axis=-1) if paths else s
     f = nn.relu(conv3x3(c, "fuse", self.dtype)(f))
     return x + conv3x3(c, "out", self.dtype)(f)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from spadnet_jax import ops
-from spadnet_jax.models.layers import HAB, RCAB, Upsample2x, conv3x3
+from spadnet_jax.models.layers import HAB, RCAB, HabOptions, Upsample2x, conv3x3
 from spadnet_jax.models.remat import remat_call
 
 SCALES = (4, 8, 16)
@@ -30,18 +30,17 @@ class SPADNet(nn.Module):
     number: residual blocks (RCAB) per stage and branch.
     hab_num: heatmap attention blocks per stage (default number - 1, official); HAB i
       follows RCAB i.
-    pac_kernel: 'gaussian' (official) or 'inverse' (PAC paper's inverse-distance kernel).
-    pac_impl: PAC formulation from ops.PAC_IMPLS ('auto' default: the fastest measured per
-      platform, 'fused' on CPU and 'einsum' on accelerators; 'einsum' the straightforward
-      reference; 'fused', 'shifted').
+    pac_kernel: a registered PAC kernel (ops.KERNELS): 'gaussian' (official) or 'inverse'
+      (PAC paper's inverse-distance kernel), or one a researcher registers.
+    pac_impl: a registered PAC formulation (ops.PAC_IMPLS); 'auto' (default) picks per
+      platform, 'einsum' is the straightforward reference. Same outputs, other speed.
     gsac_gate: 'official' (repeat+reshape layout) or 'channel' (per-channel broadcast).
     use_lsac, use_gsac: ablate either dynamic path of every HAB.
     heatmap_branch: without it, HABs are guided by the SR features themselves and no
       heatmap is predicted.
     remat: which blocks recompute their forward pass during the backward pass instead of
       keeping activations (models/remat.py): 'none' (default), 'rcab' (the residual
-      blocks: about 0.3 GiB less for the paper-size step at batch 8, about 7% more time
-      on CPU) or 'all' (RCABs and HABs). True/False mean 'all'/'none' (configurations
+      blocks) or 'all' (RCABs and HABs). True/False mean 'all'/'none' (configurations
       written before this field took names).
     dtype: computation dtype (parameters stay float32).
   """
@@ -71,8 +70,12 @@ class SPADNet(nn.Module):
   def num_habs(self) -> int:
     return self.number - 1 if self.hab_num is None else self.hab_num
 
+  def __post_init__(self) -> None:
+    self.check()
+    super().__post_init__()
+
   def check(self) -> None:
-    """Raise ValueError naming the first invalid field."""
+    """Raise ValueError naming the first invalid field (run once, when the model is built)."""
     if self.scale not in SCALES:
       raise ValueError(f"SPADNet.scale must be one of {SCALES}, got {self.scale}")
     if self.number < 1:
@@ -94,12 +97,15 @@ class SPADNet(nn.Module):
       raise ValueError(f"SPADNet.gsac_gate must be 'official' or 'channel', got {self.gsac_gate!r}")
 
   @property
+  def hab_options(self) -> HabOptions:
+    return HabOptions(self.pac_kernel, self.pac_impl, self.gsac_gate, self.use_lsac, self.use_gsac)
+
+  @property
   def remat_blocks(self) -> str:
     return {True: "all", False: "none"}.get(self.remat, self.remat)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-    self.check()
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"SPADNet expects (N, H, W, 3) images, got shape {x.shape}")
     plain = lambda block, *args: block(*args)
@@ -115,8 +121,7 @@ class SPADNet(nn.Module):
           hm = call(RCAB(self.reduction, self.dtype, name=f"stage{s}_hm{i}"), hm)
         if i < self.num_habs:
           guide = hm if self.heatmap_branch else sr
-          sr = call_hab(HAB(self.pac_kernel, self.pac_impl, self.gsac_gate, self.use_lsac, self.use_gsac,
-                        self.dtype, name=f"stage{s}_hab{i}"), sr, guide)
+          sr = call_hab(HAB(self.hab_options, self.dtype, name=f"stage{s}_hab{i}"), sr, guide)
       sr = Upsample2x(self.dtype, name=f"stage{s}_sr_up")(sr) + ops.bicubic_upsample(feature, 2**s)
       if self.heatmap_branch:
         hm = Upsample2x(self.dtype, name=f"stage{s}_hm_up")(hm)
