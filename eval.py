@@ -14,7 +14,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from spadnet_jax import cli, distributed, platform
+from spadnet_jax import cli, process_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (its data and eval fields).",
@@ -29,7 +29,7 @@ flags.DEFINE_integer("batch_size", None, "Global eval batch (default: config.eva
 flags.DEFINE_integer("num_images", -1, "Evaluate only the first N images (-1: all).")
 flags.DEFINE_integer("num_grids", 8, "Comparison grids to write.")
 flags.DEFINE_bool("save_images", True, "Write the SR PNGs.")
-distributed.define_flags()
+process_setup.define_distributed_flags()
 
 
 def _config():
@@ -48,21 +48,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir and not FLAGS.checkpoint:
     raise app.UsageError("give --workdir or --checkpoint")
-  platform.configure_xla_cpu()
-  distributed.initialize_from_flags()
-  from spadnet_jax import evaluate_lib  # after jax.distributed.initialize
-  cli.quiet_logging()
+  from spadnet_jax import evaluation  # pylint: disable=import-outside-toplevel  # after set-up
   cfg = _config()
   source = FLAGS.checkpoint or os.path.join(FLAGS.workdir, "checkpoints")
-  summary = evaluate_lib.run(
+  evaluation.evaluate_checkpoint(
       cfg, source, step=FLAGS.step, out_root=FLAGS.workdir or source,
       split=FLAGS.split or cfg.data.eval_split, score=FLAGS.score or cfg.get("metric_score", "float"),
       batch_size=FLAGS.batch_size or cfg.eval_batch_size, num_images=FLAGS.num_images,
       num_grids=FLAGS.num_grids, save_images=FLAGS.save_images)
-  del summary
   return 0
 
 
 if __name__ == "__main__":
-  platform.restart_with_malloc_tunables()   # the program itself only, never an importer
-  app.run(cli.reporting_errors(main), flags_parser=cli.flags_parser(None))
+  cli.run(main)

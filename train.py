@@ -8,7 +8,7 @@ step N). Exit status: 0 done, 1 error (one line; --verbosity=1 for the traceback
 from absl import app, flags
 from ml_collections import config_flags
 
-from spadnet_jax import cli, distributed, platform, preemption
+from spadnet_jax import cli, preemption, process_setup
 
 DEFAULT_CONFIG = "configs/default.py"
 FLAGS = flags.FLAGS
@@ -17,20 +17,16 @@ config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training configuratio
 flags.DEFINE_string("workdir", "./workdir", "Checkpoints, TensorBoard events and metrics.json.")
 flags.DEFINE_integer("step", None, "Resume from this checkpoint step instead of the newest "
                      "intact one (newer steps are moved to checkpoints.set_aside/).")
-distributed.define_flags()
+process_setup.define_distributed_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  platform.configure_xla_cpu()
-  distributed.initialize_from_flags()
-  from spadnet_jax import trainer  # after jax.distributed.initialize
-  cli.quiet_logging()
+  from spadnet_jax import trainer  # pylint: disable=import-outside-toplevel  # after set-up
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
   return preemption.EXIT_CODE if "preempted_at" in result else 0
 
 
 if __name__ == "__main__":
-  platform.restart_with_malloc_tunables()   # the program itself only, never an importer
-  app.run(cli.reporting_errors(main), flags_parser=cli.flags_parser(DEFAULT_CONFIG))
+  cli.run(main, DEFAULT_CONFIG)

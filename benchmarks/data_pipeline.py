@@ -22,7 +22,7 @@ def measure(batch: int, batches: int, threads: int, data_dir: str, scale: int,
   cfg = ml_collections.ConfigDict(dict(name="synthetic_faces", data_dir=data_dir,
                                        lr_kernel=kernel, augment_flip=True, augment_rot90=True,
                                        num_threads=threads, prefetch=8))
-  it = iter(pipeline.train_dataset(cfg, scale, batch, seed=0))
+  it = iter(pipeline.train_dataset(pipeline.Data(cfg), scale, batch, seed=0))
   for _ in range(5):                                     # warm up threads and caches
     next(it)
   start = time.perf_counter()

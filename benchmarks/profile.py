@@ -137,16 +137,14 @@ def main() -> None:
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--dir", default="/tmp/spadnet_profile", help="where the trace and HLO go")
   args = p.parse_args()
-  from spadnet_jax import platform
-  platform.configure_xla_cpu()
   import jax
   import jax.numpy as jnp
 
-  from benchmarks.run import _step_args, _step_fn
+  from benchmarks import steps
   from spadnet_jax import models
   model = models.SPADNet(scale=8, pac_impl=args.pac_impl, remat=args.remat, dtype=jnp.dtype(args.dtype))
-  step_args = _step_args(model, args.case, args.batch)
-  compiled = jax.jit(_step_fn(model, args.case)).lower(*step_args).compile()
+  step_args = steps.step_args(model, args.case, args.batch)
+  compiled = jax.jit(steps.step_fn(model, args.case)).lower(*step_args).compile()
   hlo_text = compiled.as_text()
   os.makedirs(args.dir, exist_ok=True)
   with open(os.path.join(args.dir, "step.hlo.txt"), "w") as f:
@@ -168,6 +166,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from spadnet_jax import platform
-  platform.restart_with_malloc_tunables()
+  from spadnet_jax import process_setup
+  process_setup.prepare()
   main()

@@ -54,7 +54,8 @@ def _peak_device_memory_gib() -> float | None:
 
 
 def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
-  """Median seconds per call over `iters` calls (each waited for) after two warm-up calls.
+  """Median seconds per call over `iters` calls (each waited for) after two warm-up calls;
+  a train step's new state is fed to the next call.
 
   The median, not the mean: this VM has slow spells that stretch single steps by 10-50%.
   """
@@ -62,7 +63,7 @@ def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
   for _ in range(2):
     out = fn(*args)
     if thread_state:
-      args = [out[0], out[1], *args[2:]]
+      args = [out[0], *args[1:]]
   jax.block_until_ready(out)
   times = []
   for _ in range(iters):
@@ -70,65 +71,31 @@ def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
     out = jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
     if thread_state:
-      args = [out[0], out[1], *args[2:]]
+      args = [out[0], *args[1:]]
   return sorted(times)[len(times) // 2]
-
-
-def _adam():
-  import optax
-  return optax.adam(1e-4, b1=0.9, b2=0.99, eps=1e-8)
-
-
-def _step_fn(model, kind: str):
-  """A paper-size train step (L1 + L1, Adam) or a forward pass of `model`."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  if kind == "inference":
-    return lambda p, x: model.apply({"params": p}, x)
-  tx = _adam()
-
-  def step(params, opt_state, x, hm):
-    def loss_fn(p):
-      sr, h = model.apply({"params": p}, x)
-      return jnp.mean(jnp.abs(sr - x)) + jnp.mean(jnp.abs(h - hm))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
-
-
-def _step_args(model, kind: str, batch: int) -> list:
-  import jax
-  x = jax.random.uniform(jax.random.key(0), (batch, 128, 128, 3))
-  params = jax.jit(model.init)(jax.random.key(2), model.example_input())["params"]
-  if kind == "inference":
-    return [params, x]
-  hm = jax.random.uniform(jax.random.key(1), (batch, 128, 128, 5))
-  return [params, _adam().init(params), x, hm]
 
 
 def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
                remat: str) -> list[dict]:
-  """Paper-size SPADNet x8: a train step or a forward pass."""
+  """Paper-size SPADNet x8: the trainer's train step or a forward pass."""
   import jax
   import jax.numpy as jnp
 
-  from spadnet_jax import models, platform
+  from benchmarks import steps
+  from spadnet_jax import models, process_setup
   model = models.SPADNet(scale=8, pac_impl=pac_impl, remat=remat, dtype=jnp.dtype(dtype))
-  fn = _step_fn(model, kind)
-  args = _step_args(model, kind, batch)
+  fn = steps.step_fn(model, kind)
+  args = steps.step_args(model, kind, batch)
   specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-  donate = (0, 1) if kind == "train" else ()
+  donate = (0,) if kind == "train" else ()
   t = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   compile_s = time.perf_counter() - t
-  platform.release_host_memory()     # as train.py does after compiling
+  process_setup.release_host_memory()     # as train.py does after compiling
   sec = _run_timed(compiled, args, iters, thread_state=kind == "train")
   peak_gib = _peak_device_memory_gib()
   counted = models.SPADNet(scale=8, pac_impl="shifted", remat="none", dtype=jnp.dtype(dtype))
-  flops = _flops(_step_fn(counted, kind), specs)
+  flops = _flops(steps.step_fn(counted, kind), specs)
   return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl, "remat": remat,
            "s_per_step": sec, "images_per_s": batch / sec, "compile_s": compile_s,
            "gflop_per_image": flops / batch / 1e9, "achieved_tflop_s": flops / sec / 1e12,
@@ -260,8 +227,6 @@ def main() -> None:
   p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child is not None:
-    from spadnet_jax import platform
-    platform.configure_xla_cpu()
     kind, batch, iters, dtype, impl, remat = args.child
     recs = (case_pac(int(iters), dtype, int(batch)) if kind == "pac" else
             case_model(kind, int(batch), int(iters), dtype, impl, remat))
@@ -293,6 +258,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from spadnet_jax import platform
-  platform.restart_with_malloc_tunables()   # as train.py does; the cases' processes inherit it
+  from spadnet_jax import process_setup
+  process_setup.prepare()   # as train.py does; the cases' processes inherit it
   main()

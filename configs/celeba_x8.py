@@ -8,7 +8,7 @@ from configs import default
 
 def get_config(scale: int = 8, data: str = "face_folder/celeba"):
   c = default.get_config()
-  c.model.update(scale=scale, n_feats=64, number=6, hab_num=-1, reduction=16)
+  c.model.update(scale=scale, n_feats=64, number=6, reduction=16)
   c.data.update(name=data, augment_flip=True, augment_rot90=True)
   c.batch_size = 8
   c.num_train_steps = -1

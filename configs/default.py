@@ -4,6 +4,7 @@ python train.py trains it in about ten minutes on such a machine; every field ca
 overridden on the command line, e.g. --config.batch_size=16 --config.model.n_feats=32.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -11,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
-      scale=8, n_feats=16, number=2, hab_num=-1, reduction=4,   # hab_num -1: number - 1
+      scale=8, n_feats=16, number=2, hab_num=placeholder(int), reduction=4,  # None: number - 1
       pac_kernel="gaussian", pac_impl="auto", gsac_gate="official", use_lsac=True,
       use_gsac=True, heatmap_branch=True, remat="none", dtype="float32"))
 
@@ -23,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 8
   c.num_train_steps = 1500          # > 0 wins over num_epochs
   c.num_epochs = 0.0
-  c.heatmap_loss_weight = 1.0
+  # Loss terms (spadnet_jax.losses) and their weights; 0 leaves a term out.
+  c.loss = ml_collections.ConfigDict(dict(sr_l1=1.0, heatmap_l1=1.0, heatmap_l2=0.0))
+  c.heatmap_loss_weight = 1.0       # scales every heatmap_* term (older configurations' field)
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, b1=0.9, b2=0.99, eps=1e-8, decay_epochs=(3.0, 4.0), decay_factor=0.5,
       grad_clip=0.0, ema_decay=0.0))

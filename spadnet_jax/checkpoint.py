@@ -11,48 +11,25 @@ and file and never trusted. eval.py, predict and the converter read 'model' and 
 """
 from __future__ import annotations
 
-import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from spadnet_jax import files
+from spadnet_jax import files, models
 from spadnet_jax.models import SPADNet
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def model_config(model: SPADNet) -> dict[str, Any]:
-  """The model's constructor fields as JSON-ready data."""
-  cfg = {}
-  for f in dataclasses.fields(SPADNet):
-    if f.name in ("parent", "name"):
-      continue
-    value = getattr(model, f.name)
-    cfg[f.name] = jnp.dtype(value).name if f.name == "dtype" else value
-  return cfg
-
-
-def model_from_config(cfg: dict[str, Any], **overrides: Any) -> SPADNet:
-  """Rebuild a SPADNet from `model_config` output; unknown fields are an error."""
-  cfg = {**cfg, **overrides}
-  known = {f.name for f in dataclasses.fields(SPADNet)} - {"parent", "name"}
-  unknown = sorted(set(cfg) - known)
-  if unknown:
-    raise ValueError(f"model configuration has unknown fields {unknown}; known: {sorted(known)}")
-  if isinstance(cfg.get("dtype"), str):
-    cfg["dtype"] = _DTYPES[cfg["dtype"]]
-  model = SPADNet(**cfg)
-  model.check()
-  return model
-
+Report = Callable[[str], None]
 
 CHECKSUMS = "checksums.json"
 
@@ -236,29 +213,203 @@ def check_finite(tree: Any, where: str) -> None:
 
 # --- training ------------------------------------------------------------------------------
 
-def save_train(mngr: ocp.CheckpointManager, step: int, model: SPADNet, inference: Any,
-               train: dict[str, Any], position: dict[str, Any],
-               metrics: dict[str, float] | None = None) -> None:
-  """Start saving a training step (asynchronously where the manager is async)."""
+def _train_item(state: Any) -> dict[str, Any]:
+  """The 'train' item of a trainer.TrainState: what resuming needs beyond the inference
+  params (and the raw params too when EMA weights are the inference ones). Works on
+  abstract states too."""
+  train = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite,
+           "first_nonfinite": state.first_nonfinite}
+  if state.ema_params is not None:
+    train["params"] = state.params
+  return train
+
+
+def _inference_item(state: Any) -> Any:
+  return state.params if state.ema_params is None else state.ema_params
+
+
+def save_train(mngr: ocp.CheckpointManager, step: int, model: SPADNet, state: Any,
+               position: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+  """Start saving a training state (asynchronously where the manager is async)."""
   mngr.save(step, args=ocp.args.Composite(
-      model=ocp.args.JsonSave(model_config(model)),
-      params=ocp.args.StandardSave({"params": inference}),
-      train=ocp.args.StandardSave(train),
+      model=ocp.args.JsonSave(models.to_config(model)),
+      params=ocp.args.StandardSave({"params": _inference_item(state)}),
+      train=ocp.args.StandardSave(_train_item(state)),
       position=ocp.args.JsonSave(position)), metrics=metrics, force=True)
 
 
-def restore_train(mngr: ocp.CheckpointManager, step: int, inference: Any,
-                  train: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
-  """Restore a training step onto the shardings carried by the abstract `inference` and
-  `train` trees (any mesh, device or process count). The position is None for steps
-  written before it was kept."""
-  args = dict(params=ocp.args.StandardRestore({"params": inference}),
-              train=ocp.args.StandardRestore(train))
+def restore_train(mngr: ocp.CheckpointManager, step: int,
+                  abstract: Any) -> tuple[Any, dict[str, Any] | None]:
+  """Restore a training state onto the shardings carried by the abstract state (any mesh,
+  device or process count). The position is None for steps written before it was kept."""
+  args = dict(params=ocp.args.StandardRestore({"params": _inference_item(abstract)}),
+              train=ocp.args.StandardRestore(_train_item(abstract)))
   has_position = os.path.isdir(os.path.join(_step_dir(str(mngr.directory), step), "position"))
   if has_position:
     args["position"] = ocp.args.JsonRestore()
   r = mngr.restore(step, args=ocp.args.Composite(**args))
-  return r["params"]["params"], r["train"], (dict(r["position"]) if has_position else None)
+  t, inference = r["train"], r["params"]["params"]
+  state = abstract.replace(step=t["step"], opt_state=t["opt_state"], nonfinite=t["nonfinite"],
+                           first_nonfinite=t["first_nonfinite"])
+  if abstract.ema_params is None:
+    state = state.replace(params=inference)
+  else:
+    state = state.replace(params=t["params"], ema_params=inference)
+  return state, (dict(r["position"]) if has_position else None)
+
+
+def read_items(directory: str, step: int, items: tuple[str, ...] = ("params", "train")) -> dict[str, Any]:
+  """The raw trees of some items of one step, as NumPy arrays (inspection and tests)."""
+  restore = {"model": ocp.args.JsonRestore, "position": ocp.args.JsonRestore}
+  with manager(directory, read_only=True) as mngr:
+    return dict(mngr.restore(step, args=ocp.args.Composite(
+        **{name: restore.get(name, ocp.args.StandardRestore)() for name in items})))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _set_aside_newer(directory: str, restored: int, report: Report) -> None:
+  """Move the steps newer than `restored` to <workdir>/checkpoints.set_aside/ (never delete)."""
+  aside = os.path.join(os.path.dirname(directory), "checkpoints.set_aside")
+  for s in [s for s in steps(directory) if s > restored]:
+    os.makedirs(aside, exist_ok=True)
+    target = os.path.join(aside, str(s))
+    if os.path.exists(target):
+      target = f"{target}.{int(time.time())}"
+    shutil.move(os.path.join(directory, str(s)), target)
+    report(f"moved checkpoint step {s} to {target}: training goes on from step {restored}")
+
+
+def resume(directory: str, step: int | None, abstract: Any, all_finite: Callable[[Any], jax.Array],
+           report: Report, is_main: bool) -> tuple[Any, dict[str, Any] | None] | None:
+  """Restore the newest intact training step (or `step`): verified checksums, finite values.
+
+  Steps newer than the one restored (damaged ones, or all newer ones when `step` is
+  given) are moved to checkpoints.set_aside/ so that training can go on from it; nothing
+  is deleted. Returns (state, position), or None when there is nothing to resume.
+  """
+  if is_main:
+    for s in seal_finalized(directory):
+      report(f"checkpoint step {s} was finalised but not sealed when its run stopped; sealed it")
+  _sync("spadnet_sealed")
+  if not steps(directory):
+    if step is not None:
+      raise FileNotFoundError(f"{directory} holds no checkpoint steps to resume step {step} from")
+    return None
+
+  def restore(s: int) -> tuple[Any, dict[str, Any] | None]:
+    with manager(directory, read_only=True) as mngr:
+      state, position = restore_train(mngr, s, abstract)
+    if not bool(jax.device_get(jax.jit(all_finite)(state))):
+      raise DamagedCheckpoint(f"checkpoint step {s} in {directory} holds non-finite values")
+    return state, position
+
+  restored, result = restore_newest_intact(directory, step, restore, report)
+  if is_main:
+    _set_aside_newer(directory, restored, report)
+  _sync("spadnet_set_aside")
+  return result
+
+
+class DiskFull(OSError):
+  """No space left while writing a checkpoint; earlier steps are untouched."""
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+  while e is not None:
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class TrainSaver:
+  """Saves training steps, seals each once Orbax has finalised it, refuses to save after a
+  non-finite update under nonfinite='stop', and turns a full disk into one clear error."""
+
+  def __init__(self, directory: str, model: SPADNet, batch_size: int, keep: int,
+               async_save: bool, stop_on_nonfinite: bool, is_main: bool):
+    self.directory, self.model, self.batch_size, self.is_main = directory, model, batch_size, is_main
+    self.stop_on_nonfinite = stop_on_nonfinite
+    self.mngr = manager(directory, keep=keep, async_save=async_save)
+    self.unsealed: list[int] = []
+
+  def _error(self, e: Exception, step: int) -> Exception:
+    if not _is_disk_full(e):
+      return e
+    return DiskFull(errno.ENOSPC, f"no space left on device writing checkpoint step {step} in "
+                    f"{self.directory}; earlier checkpoints are intact: free space and rerun the "
+                    "same command to resume")
+
+  def seal_saved(self) -> None:
+    """Wait for in-flight saves, then write their checksums (primary process)."""
+    if not self.unsealed:
+      return
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:
+      raise self._error(e, self.unsealed[-1]) from e
+    if self.is_main:
+      kept = set(self.mngr.all_steps())
+      for s in self.unsealed:
+        if s in kept:
+          seal(self.directory, s)
+    self.unsealed.clear()
+
+  def check_finite(self, state: Any, at: int) -> None:
+    """Under nonfinite='stop', stop once an update was skipped, naming a good step on disk."""
+    if not self.stop_on_nonfinite or not int(jax.device_get(state.nonfinite)):
+      return
+    self.seal_saved()
+    first = int(jax.device_get(state.first_nonfinite))
+    last = self.mngr.latest_step()
+    good = (f"last good checkpoint: step {last} in {self.directory}" if last is not None
+            else "no checkpoint was saved")
+    raise FloatingPointError(
+        f"non-finite loss, gradient or updated state at step {first} (config.nonfinite='stop'); "
+        f"the update was not applied and training stopped at step {at}; {good}")
+
+  def _check_space(self, state: Any, at: int) -> None:
+    """Refuse a save the disk cannot hold (about the size of the newest step, or of the
+    state before the first save), before Orbax starts writing it. The processes agree."""
+    newest = steps(self.directory)
+    need = (step_bytes(self.directory, newest[0]) if newest
+            else sum(x.nbytes for x in jax.tree_util.tree_leaves(state)))
+    short = shutil.disk_usage(self.directory).free < 1.1 * need + (1 << 20)
+    if jax.process_count() > 1:
+      jax.block_until_ready(state)
+      short = bool(multihost_utils.process_allgather(np.asarray(short)).any())
+    if short:
+      raise self._error(OSError(errno.ENOSPC, "No space left on device"), at)
+
+  def save(self, state: Any, at: int, examples_seen: int,
+           metrics: dict[str, float] | None = None) -> None:
+    self.check_finite(state, at)
+    if self.mngr.latest_step() == at:
+      return
+    self.seal_saved()
+    self._check_space(state, at)
+    try:
+      save_train(self.mngr, at, self.model, state,
+                 {"examples_seen": examples_seen, "batch_size": self.batch_size}, metrics)
+    except Exception as e:
+      raise self._error(e, at) from e
+    self.unsealed.append(at)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.mngr.reached_preemption(step)
+
+  def close(self) -> None:
+    try:
+      self.mngr.close()
+    except Exception:  # pylint: disable=broad-except  # an error being raised says what failed
+      pass
 
 
 # --- inference -----------------------------------------------------------------------------
@@ -275,7 +426,7 @@ def save_inference_checkpoint(directory: str, model: SPADNet, variables: Any, st
       raise FileExistsError(f"{directory} already holds a checkpoint at step {step}; "
                             "choose another directory")
     mngr.save(step, args=ocp.args.Composite(
-        model=ocp.args.JsonSave(model_config(model)),
+        model=ocp.args.JsonSave(models.to_config(model)),
         params=ocp.args.StandardSave(variables)))
     mngr.wait_until_finished()
   seal(directory, step)
@@ -337,7 +488,7 @@ def load_model(path: str, step: int | None = None, shardings: Any = None,
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def restore(s: int) -> tuple[SPADNet, Any]:
-    model = model_from_config(_read_config(mngr, s), **overrides)
+    model = models.from_config(_read_config(mngr, s), **overrides)
     abstract = abstract_variables(model)
     if isinstance(shardings, jax.sharding.Sharding):
       abstract = jax.tree_util.tree_map(

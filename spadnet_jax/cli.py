@@ -1,4 +1,5 @@
-"""What train.py and eval.py share as programs: flag parsing and errors a person reads.
+"""What train.py and eval.py share as programs: process set-up, flag parsing and errors a
+person reads.
 
 A user's mistake (a bad config value or field, a missing or damaged file, a workdir in
 use, a full disk, a diverged run) ends as one line, `error: ...`, and exit status 1;
@@ -12,9 +13,9 @@ import logging as std_logging
 import sys
 from typing import Callable, Sequence
 
-from absl import flags, logging as absl_logging
+from absl import app, flags, logging as absl_logging
 
-from spadnet_jax import config_check, files
+from spadnet_jax import config_check, files, process_setup
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, files.WorkdirInUse)
 
@@ -93,3 +94,16 @@ def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[
       return 1
 
   return wrapped
+
+
+def run(main: Callable[[list[str]], int | None], default_config: str | None = None) -> None:
+  """A program's whole `if __name__ == "__main__":` body: process set-up (before JAX
+  starts), flags, jax.distributed where asked for, quiet logs, errors as one line."""
+  process_setup.prepare()
+
+  def started(argv: list[str]) -> int | None:
+    process_setup.initialize_distributed()
+    quiet_logging()
+    return main(argv)
+
+  app.run(reporting_errors(started), flags_parser=flags_parser(default_config))

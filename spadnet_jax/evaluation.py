@@ -1,7 +1,8 @@
-"""Jit-compiled, sharded evaluation over a data split with the official metrics.
+"""Evaluation: the jit-compiled evaluator, checkpoint evaluation and the report writer.
 
-The last batch is padded to the fixed batch shape and masked out, so the step compiles
-once; per-image results are gathered from every process.
+The evaluator's last batch is padded to the fixed batch shape and masked out, so its step
+compiles once; per-image results are gathered from every process. The trainer and
+eval.py write the same report (metrics.json, per_image.csv, the printed table).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spadnet_jax import files, metrics, sharding
+from spadnet_jax import checkpoint, files, metrics, models, sharding, visualize
 from spadnet_jax.data import pipeline
 from spadnet_jax.models import SPADNet
 
@@ -40,7 +41,10 @@ def make_eval_step(model: SPADNet, crop: int = 8, score: str = "float") -> Calla
   return step
 
 
-def _pad(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+# --- batches across processes --------------------------------------------------------------
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Repeat the last example up to `size`; the mask marks the real ones."""
   n = len(batch["hr"])
   mask = np.arange(size) < n
   if n == size:
@@ -48,35 +52,42 @@ def _pad(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray]
   return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}, mask
 
 
-def _gather(x: np.ndarray) -> np.ndarray:
+def gather_rows(x: np.ndarray) -> np.ndarray:
   """Concatenate a per-process array over processes (identity with one process)."""
   if jax.process_count() == 1:
     return x
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _gather_names(names: np.ndarray, width: int = 128) -> list[str]:
+def gather_names(names: np.ndarray, width: int = 128) -> list[str]:
   """File names of a batch from every process, in global batch order."""
   codes = np.zeros((len(names), width), np.uint8)
   for i, n in enumerate(names):
     b = str(n).encode()[:width]
     codes[i, :len(b)] = np.frombuffer(b, np.uint8)
-  codes = _gather(codes)
-  return [bytes(c).rstrip(b"\0").decode(errors="replace") for c in codes]
+  return [bytes(c).rstrip(b"\0").decode(errors="replace") for c in gather_rows(codes)]
+
+
+def summarize(rows: dict[str, np.ndarray], seconds: float) -> dict[str, float]:
+  """Per-image rows -> mean of each metric (NaNs ignored), image count and images/s."""
+  summary = {k: float(np.nanmean(v)) if len(v) else float("nan") for k, v in rows.items()}
+  n = len(next(iter(rows.values()))) if rows else 0
+  summary.update(num_images=n, images_per_s=n / max(seconds, 1e-9))
+  return summary
 
 
 class Evaluator:
   """Evaluates a model on one split; construct once, call for each set of variables."""
 
-  def __init__(self, model: SPADNet, data_cfg: ml_collections.ConfigDict, split: str,
-               mesh: jax.sharding.Mesh, batch_size: int, limit: int = -1, crop: int = 8,
-               score: str = "float", variables_sharding: Any = None):
+  def __init__(self, model: SPADNet, data: pipeline.Data, split: str, mesh: jax.sharding.Mesh,
+               batch_size: int, limit: int = -1, crop: int = 8, score: str = "float",
+               variables_sharding: Any = None):
     self.model, self.mesh = model, mesh
     if batch_size % mesh.size:
       raise ValueError(f"eval batch size {batch_size} is not divisible by the {mesh.size} devices")
     self.batch_size = batch_size
     self.local_batch = pipeline.local_batch_size(batch_size)
-    self.dataset, self.count = pipeline.eval_dataset(data_cfg, model.scale, split, self.local_batch)
+    self.dataset, self.count = pipeline.eval_dataset(data, model.scale, split, self.local_batch)
     self.limit = limit
     rep = sharding.replicated(mesh)
     self.step = jax.jit(make_eval_step(model, crop, score),
@@ -100,34 +111,32 @@ class Evaluator:
     limit = self.limit if limit is None else limit
     if limit >= 0:
       n_batches = min(n_batches, -(-limit // self.batch_size))
-    start, seen = time.perf_counter(), 0
+    start = time.perf_counter()
     for i in range(n_batches):
-      local = self.dataset[min(i, len(self.dataset) - 1)]
-      local, mask = _pad(local, self.local_batch)
+      local, mask = pad_batch(self.dataset[min(i, len(self.dataset) - 1)], self.local_batch)
       if i >= len(self.dataset):
         mask[:] = False
       out, sr, hm = self.step(variables, sharding.global_batch(local, self.mesh))
-      gathered_mask = _gather(mask)
+      real = gather_rows(mask)
       for k in PER_IMAGE_KEYS:
-        per_image[k].append(np.asarray(out[k])[gathered_mask])
-      batch_names = np.asarray(_gather_names(local["filename"]))[gathered_mask].tolist()
+        per_image[k].append(np.asarray(out[k])[real])
+      batch_names = np.asarray(gather_names(local["filename"]))[real].tolist()
       names.extend(batch_names)
       if on_batch is not None:
-        pics = {k: _gather(local[k])[gathered_mask] for k in ("lr", "lr_up", "hr")}
-        pics.update(filename=batch_names, sr=np.asarray(sr)[gathered_mask],
-                    heatmap=None if hm is None else np.asarray(hm)[gathered_mask])
+        pics = {k: gather_rows(local[k])[real] for k in ("lr", "lr_up", "hr")}
+        pics.update(filename=batch_names, sr=np.asarray(sr)[real],
+                    heatmap=None if hm is None else np.asarray(hm)[real])
         on_batch(pics)
-      seen += int(gathered_mask.sum())
       if i == 0 and keep_images:
         images = {"lr": local["lr"][:keep_images], "lr_up": local["lr_up"][:keep_images],
                   "hr": local["hr"][:keep_images], "sr": np.asarray(sr)[:keep_images],
                   "heatmap": None if hm is None else np.asarray(hm)[:keep_images]}
-    elapsed = time.perf_counter() - start
     rows = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per_image.items()}
-    summary = {k: float(np.nanmean(v)) if len(v) else float("nan") for k, v in rows.items()}
-    summary.update(num_images=seen, images_per_s=seen / max(elapsed, 1e-9))
-    return {"summary": summary, "per_image": rows, "names": names, "images": images}
+    return {"summary": summarize(rows, time.perf_counter() - start), "per_image": rows,
+            "names": names, "images": images}
 
+
+# --- reports -------------------------------------------------------------------------------
 
 def write_metrics(directory: str, result: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
   """Write metrics.json (summary) and per_image.csv under `directory`, atomically."""
@@ -145,12 +154,6 @@ def write_metrics(directory: str, result: dict[str, Any], extra: dict[str, Any] 
   return path
 
 
-def nonfinite_metrics(summary: dict[str, Any], heatmaps: bool = True) -> list[str]:
-  """Names of summary metrics that are not finite (NME only where heatmaps are predicted)."""
-  keys = [k for k in PER_IMAGE_KEYS if heatmaps or k != "nme"]
-  return [k for k in keys if not np.isfinite(summary.get(k, np.nan))]
-
-
 def format_table(summary: dict[str, Any], protocol: str) -> str:
   """The evaluation table printed by train.py and eval.py."""
   lines = [f"protocol: {protocol}", "| metric | SPADNet | bicubic |", "|---|---|---|",
@@ -160,3 +163,64 @@ def format_table(summary: dict[str, Any], protocol: str) -> str:
            f"| NME (group centres / inter-ocular) | {summary['nme']:.4f} | - |",
            f"images: {summary['num_images']}, {summary['images_per_s']:.1f} images/s"]
   return "\n".join(lines)
+
+
+def report(directory: str, result: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+  """Write the report files and print the table (primary process); returns summary + extra.
+  `extra` must hold 'protocol'."""
+  if jax.process_index() == 0:
+    path = write_metrics(directory, result, extra)
+    print(format_table(result["summary"], extra["protocol"]), flush=True)
+    print(f"wrote {path}", flush=True)
+  return {**result["summary"], **extra}
+
+
+def nonfinite_metrics(summary: dict[str, Any], heatmaps: bool = True) -> list[str]:
+  """Names of summary metrics that are not finite (NME only where heatmaps are predicted)."""
+  keys = [k for k in PER_IMAGE_KEYS if heatmaps or k != "nme"]
+  return [k for k in keys if not np.isfinite(summary.get(k, np.nan))]
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str, step: int | None,
+                        out_root: str, split: str, score: str, batch_size: int,
+                        num_images: int = -1, num_grids: int = 8,
+                        save_images: bool = True) -> dict[str, Any]:
+  """What eval.py runs: evaluate checkpoint `source` on `split`; the report, SR PNGs and
+  comparison grids go to out_root/eval/<step>/. Non-finite metrics raise FloatingPointError."""
+  mesh = sharding.make_mesh(1)
+  model, variables, step = checkpoint.load_model(source, step, shardings=sharding.replicated(mesh),
+                                                 pac_impl=cfg.model.get("pac_impl", "auto"))
+  batch_size -= batch_size % mesh.size
+  if batch_size < mesh.size:
+    raise ValueError(f"eval batch size must be at least the {mesh.size} devices")
+  evaluator = Evaluator(model, pipeline.Data(cfg.data), split, mesh, batch_size, limit=num_images,
+                        score=score)
+  out_dir = os.path.join(os.path.abspath(out_root), "eval", str(step))
+  is_main = jax.process_index() == 0
+  grids_left = [num_grids]
+
+  def save(batch: dict[str, Any]) -> None:
+    if not is_main:
+      return
+    for i, name in enumerate(batch["filename"]):
+      stem = os.path.splitext(os.path.basename(name))[0] or f"image{i}"
+      if save_images:
+        visualize.save_png(os.path.join(out_dir, "sr", f"{stem}.png"), batch["sr"][i])
+      if grids_left[0] > 0:
+        grids_left[0] -= 1
+        hm = None if batch["heatmap"] is None else batch["heatmap"][i]
+        row = visualize.comparison_row(batch["lr"][i], batch["lr_up"][i], batch["sr"][i],
+                                       batch["hr"][i], hm)
+        visualize.save_png(os.path.join(out_dir, "grids", f"{stem}.png"), row)
+
+  result = evaluator(variables, on_batch=save)
+  summary = report(out_dir, result, {
+      "step": step, "checkpoint": os.path.abspath(source), "split": split, "data": cfg.data.name,
+      "protocol": metrics.protocol(score), "score": score, "model": models.to_config(model)})
+  bad = nonfinite_metrics(result["summary"], heatmaps=model.heatmap_branch)
+  if bad:
+    raise FloatingPointError(f"checkpoint step {step} of {os.path.abspath(source)} gives "
+                             f"non-finite {', '.join(bad)} on {split}")
+  return summary

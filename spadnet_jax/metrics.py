@@ -99,3 +99,11 @@ def image_metrics(sr: jnp.ndarray, hr: jnp.ndarray, crop: int = 8,
     raise ValueError(f"unknown scoring mode {score!r}: use 'float' or 'png'")
   return {"psnr_y": psnr(sr, hr, crop, "y"), "ssim_y": ssim(sr, hr, crop),
           "psnr_rgb": psnr(sr, hr, crop, "rgb")}
+
+
+def protocol(score: str, crop: int = 8) -> str:
+  """One line saying how the metrics above were computed, for every report."""
+  scored = "float network output (official)" if score == "float" else "8-bit PNG"
+  return (f"PSNR/SSIM on Y (ITU-R BT.601, MATLAB rgb2ycbcr) and PSNR on RGB, border {crop} px "
+          f"cropped, SSIM 11x11 Gaussian sigma 1.5 (the official util.py / SFMNet-DIC protocol); "
+          f"NME: heatmap group centres over the inter-ocular distance; scoring the {scored}")

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from spadnet_jax import checkpoint, visualize
-from spadnet_jax.data import degrade
+from spadnet_jax.data import contract, degrade
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -61,7 +61,7 @@ def prepare_output(path: str) -> None:
     raise PermissionError(f"--output {path} is not writable")
 
 
-def load_lr(path: str, lr_size: int) -> tuple[np.ndarray, str | None]:
+def load_lr(path: str, lr_size: int, lr_kernel: str = "pil") -> tuple[np.ndarray, str | None]:
   """(lr_size, lr_size, 3) float image and a note when it had to be reduced.
 
   Raises ValueError naming the file for unreadable or non-square images.
@@ -80,25 +80,27 @@ def load_lr(path: str, lr_size: int) -> tuple[np.ndarray, str | None]:
     raise ValueError(f"{path}: image is {w}x{h}, smaller than the model's {lr_size}x{lr_size} input")
   arr = np.asarray(img, np.float32) / 255.0
   if w > lr_size:
-    arr = np.clip(degrade.resize(arr, lr_size, "pil"), 0, 1)
+    arr = np.clip(degrade.resize(arr, lr_size, lr_kernel), 0, 1)
     note = f"reduced from {w}x{h} to {lr_size}x{lr_size} (bicubic) before super-resolution"
   return arr, note
 
 
-def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8) -> int:
-  """Super-resolve every image under `inputs`; returns the number of failed files."""
+def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
+            lr_kernel: str = "pil") -> int:
+  """Super-resolve every image under `inputs` (LR images made and upsampled with
+  `lr_kernel`, as the model was trained); returns the number of failed files."""
   files, failures = list_inputs(inputs), 0
   names = output_names(files)
   prepare_output(output)
   model, variables, step = checkpoint.load_model(checkpoint_path)
-  lr_size = 128 // model.scale
+  lr_size = contract.lr_size(model.scale)
   apply = jax.jit(lambda v, x: model.apply(v, x)[0])
   pending: list[tuple[str, np.ndarray]] = []
 
   def flush():
     if not pending:
       return
-    x = np.stack([degrade.resize(lr, 128, "pil") for _, lr in pending])
+    x = np.stack([degrade.resize(lr, contract.HR_SIZE, lr_kernel) for _, lr in pending])
     x = np.clip(x, 0, 1)
     pad = batch_size - len(x)
     x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
@@ -112,7 +114,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8)
   print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}, input {lr_size}x{lr_size}")
   for path in files:
     try:
-      lr, note = load_lr(path, lr_size)
+      lr, note = load_lr(path, lr_size, lr_kernel)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       failures += 1
@@ -129,23 +131,23 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8)
 
 
 def main(argv: list[str]) -> int:
-  from spadnet_jax import platform  # pylint: disable=import-outside-toplevel
-  platform.configure_xla_cpu()
   p = argparse.ArgumentParser(prog="python -m spadnet_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True)
   p.add_argument("--input", required=True, help="an image file or a folder of images")
   p.add_argument("--output", required=True, help="folder for the SR PNGs")
   p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--lr_kernel", default="pil", choices=sorted(degrade.KERNELS),
+                 help="the LR synthesis the model was trained with (config.data.lr_kernel)")
   a = p.parse_args(argv)
   try:
-    return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size) else 0
+    return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel) else 0
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
 
 
 if __name__ == "__main__":
-  from spadnet_jax import platform
-  platform.restart_with_malloc_tunables()   # the program itself only, never a caller of main
+  from spadnet_jax import process_setup
+  process_setup.prepare()   # the program itself only, never a caller of main
   sys.exit(main(sys.argv[1:]))

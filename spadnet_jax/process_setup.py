@@ -1,17 +1,9 @@
-"""Process-level settings that entry points (train.py, eval.py, benchmarks) apply.
+"""Setting up a program's process before JAX starts: XLA:CPU flags, glibc malloc
+tunables, and jax.distributed on multi-host runs.
 
-XLA:CPU's experimental YNNPACK fusions make 3x3 convolution backward passes about 2.8x
-slower on the 2-core x86 machines we measured (64x64x64, batch 8: 0.126 s vs 0.044 s for
-forward + backward), so entry points turn them off unless the user's XLA_FLAGS already
-says otherwise. It only affects the CPU backend and must run before JAX starts a backend.
-
-XLA:CPU allocates a step's temporaries afresh on every call (1.1 GB for the paper-size
-train step at batch 8), and glibc's malloc maps such blocks from the kernel each time in
-4 KiB pages: 280,000 page faults per train step. With glibc's malloc asking for
-transparent huge pages (the tunable glibc.malloc.hugetlb=1) it took 3,000-25,000, and
-the step 4.15-4.62 s -> 3.88-4.19 s (three runs each, alternated) at the same peak memory.
-glibc reads its tunables only when a process starts, so entry points restart themselves
-once with the tunable set (restart_with_malloc_tunables).
+Entry points make one call: absl programs (train.py, eval.py) go through cli.run, which
+calls prepare() and then initialize_distributed(); argparse programs call prepare() in
+their `if __name__ == "__main__":` block. Why each setting: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -19,13 +11,16 @@ import os
 import sys
 from typing import Mapping, Sequence
 
+from absl import flags
+
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 NO_RESTART = "SPADNET_NO_RESTART"   # set (to anything) to keep the process as started
 
 
 def configure_xla_cpu() -> None:
-  """Add CPU_FLAGS to XLA_FLAGS, leaving any flag the user set alone."""
+  """Add CPU_FLAGS to XLA_FLAGS (XLA:CPU's YNNPACK fusions off: they slow the convolution
+  backward passes), leaving any flag the user set alone."""
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in CPU_FLAGS if f.split("=")[0] not in current]
   if extra:
@@ -54,9 +49,11 @@ def _is_glibc() -> bool:
 def restart_with_malloc_tunables() -> None:
   """Re-execute this process (same command line, same PID) with MALLOC_TUNABLES set, once.
 
-  Only for a program's own `if __name__ == "__main__":` block, before JAX starts: the whole
-  command runs again, so a function others may call (an entry point's main) must not.
-  A no-op off glibc, where the user set GLIBC_TUNABLES's entries, or with NO_RESTART set.
+  glibc reads its tunables only at start-up; huge pages for malloc cut the page faults of
+  XLA:CPU's per-step temporaries. Only for a program's own `if __name__ == "__main__":`
+  block, before JAX starts: the whole command runs again, so a function others may call
+  (an entry point's main) must not. A no-op off glibc, where the user set
+  GLIBC_TUNABLES's entries, or with NO_RESTART set.
   """
   restart = malloc_restart(os.environ, getattr(sys, "orig_argv", None), sys.executable, _is_glibc())
   if restart:
@@ -66,14 +63,59 @@ def restart_with_malloc_tunables() -> None:
 
 
 def release_host_memory() -> None:
-  """Return freed heap memory (e.g. the compiler's scratch) to the OS.
-
-  XLA compilation leaves several hundred MB in glibc's free lists; trimming them after
-  compiling keeps a CPU run's peak memory to what the computation itself needs.
-  A no-op where glibc's malloc_trim is unavailable.
-  """
+  """Return freed heap memory (e.g. the compiler's scratch) to the OS after compiling, so a
+  CPU run's peak memory is what the computation itself needs. A no-op without glibc."""
   try:
     import ctypes  # pylint: disable=import-outside-toplevel
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):
     pass
+
+
+def prepare() -> None:
+  """A program's process set-up before JAX starts: restart with the malloc tunables (once),
+  then the XLA:CPU flags. Only from a program's own `if __name__ == "__main__":` block."""
+  restart_with_malloc_tunables()
+  configure_xla_cpu()
+
+
+# --- multi-host start-up ---------------------------------------------------------------------
+
+def define_distributed_flags() -> None:
+  """The flags initialize_distributed reads (absl programs)."""
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                    "auto: initialise on TPU pods and multi-task SLURM jobs, or when "
+                    "--coordinator_address is given.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a "
+                       "process counts as lost; the others then exit (JAX's coordination "
+                       "service) instead of waiting for it.")
+  flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for every process to "
+                       "join at start-up.")
+
+
+def _cluster_detected() -> bool:
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize when the flags (define_distributed_flags) or the cluster
+  environment ask for it; nothing for a program without those flags."""
+  f = flags.FLAGS
+  if "distributed" not in f:
+    return
+  explicit = f.coordinator_address is not None
+  if f.distributed == "off" or (f.distributed == "auto" and not explicit and not _cluster_detected()):
+    return
+  import jax  # pylint: disable=import-outside-toplevel  # after the XLA flags are set
+  timeouts = dict(heartbeat_timeout_seconds=f.heartbeat_timeout,
+                  initialization_timeout=f.initialization_timeout)
+  if explicit:
+    jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id, **timeouts)
+  else:
+    jax.distributed.initialize(**timeouts)

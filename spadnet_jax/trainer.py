@@ -4,26 +4,21 @@ train_and_evaluate(config, workdir) is what train.py runs. The same code runs on
 simulated CPU devices, a GPU or several hosts; only the mesh differs.
 """
 
-import errno
 import functools
 import os
-import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
 from clu import metric_writers, metrics as clu_metrics, periodic_actions
-from jax.experimental import multihost_utils
 
-from spadnet_jax import (checkpoint, config_check, evaluate_lib, evaluation, files, platform,
-                         preemption, sharding, visualize)
-from spadnet_jax.data import pipeline
+from spadnet_jax import (checkpoint, config_check, evaluation, files, losses, metrics, models,
+                         preemption, process_setup, sharding, visualize)
+from spadnet_jax.data import contract, pipeline, sources
 from spadnet_jax.models import SCALES, SPADNet
 
 
@@ -38,32 +33,32 @@ class TrainState:
   first_nonfinite: jax.Array    # step of the first such update, -1 if none
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  loss_sr: clu_metrics.Average.from_output("loss_sr")
-  loss_heatmap: clu_metrics.Average.from_output("loss_heatmap")
-  grad_norm: clu_metrics.Average.from_output("grad_norm")
-  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+def train_metrics(loss_terms: Mapping[str, float]) -> type[clu_metrics.Collection]:
+  """The clu metrics a train step reports: the total loss, each loss term as loss_<name>,
+  the gradient norm and the learning rate."""
+  return clu_metrics.Collection.create(
+      loss=clu_metrics.Average.from_output("loss"),
+      **{f"loss_{n}": clu_metrics.Average.from_output(f"loss_{n}") for n in loss_terms},
+      grad_norm=clu_metrics.Average.from_output("grad_norm"),
+      learning_rate=clu_metrics.LastValue.from_output("learning_rate"))
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> SPADNet:
-  """The SPADNet described by config.model (dtype given by name)."""
-  fields = cfg.model.to_dict()
-  if fields.get("hab_num") is not None and fields["hab_num"] < 0:
-    fields["hab_num"] = None
+  """The SPADNet config.model describes, validated; ValueError names the field."""
+  if cfg.model.scale not in SCALES:
+    raise ValueError(f"config.model.scale must be one of {SCALES}, got {cfg.model.scale}")
   try:
-    return checkpoint.model_from_config(fields)
-  except (TypeError, ValueError) as e:
+    return models.from_config(cfg.model)
+  except ValueError as e:
     raise ValueError(f"config.model: {e}") from e
 
 
-def validate_config(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Fail before any compilation, naming the offending field."""
-  if cfg.model.scale not in SCALES:
-    raise ValueError(f"config.model.scale must be one of {SCALES}, got {cfg.model.scale}")
+def validate_config(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, float]:
+  """Fail before any compilation, naming the offending field (the model is checked when
+  built); returns the loss terms and their weights."""
   config_check.validate(cfg, num_devices)
-  build_model(cfg).check()
+  sources.get_source(cfg.data.name)
+  return losses.weights(cfg)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -92,19 +87,19 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
-                    heatmap_weight: float, ema_decay: float):
-  """(state, batch) -> (state, metrics). The update is skipped (and counted) unless the loss,
-  the gradient norm and the updated parameters' norm are finite; Adam's moments and the
-  EMA are then convex combinations of finite values, so the whole new state is finite."""
+                    loss_terms: Mapping[str, float], ema_decay: float) -> Callable:
+  """(state, batch) -> (state, metrics), the loss being config.loss's weighted terms
+  (losses.weights). The update is skipped (and counted) unless the loss, the gradient
+  norm and the updated parameters' norm are finite; Adam's moments and the EMA are then
+  convex combinations of finite values, so the whole new state is finite."""
+  metrics_cls = train_metrics(loss_terms)
 
   def loss_fn(params, batch):
     sr, hm = model.apply({"params": params}, batch["lr_up"])
-    loss_sr = jnp.mean(jnp.abs(sr - batch["hr"]))
-    loss_hm = jnp.mean(jnp.abs(hm - batch["heatmap"])) if hm is not None else jnp.zeros(())
-    return loss_sr + heatmap_weight * loss_hm, (loss_sr, loss_hm)
+    return losses.total(loss_terms, {"sr": sr, "heatmap": hm}, batch)
 
   def step(state: TrainState, batch):
-    (loss, (loss_sr, loss_hm)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -122,8 +117,8 @@ def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
         nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
         first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~finite, state.step,
                                   state.first_nonfinite))
-    out = TrainMetrics.single_from_model_output(
-        loss=loss, loss_sr=loss_sr, loss_heatmap=loss_hm, grad_norm=grad_norm,
+    out = metrics_cls.single_from_model_output(
+        loss=loss, **{f"loss_{n}": v for n, v in terms.items()}, grad_norm=grad_norm,
         learning_rate=schedule(state.step))
     return new, out
 
@@ -132,85 +127,6 @@ def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
 
 def inference_params(state: TrainState) -> Any:
   return state.ema_params if state.ema_params is not None else state.params
-
-
-def _train_item(state: TrainState) -> dict[str, Any]:
-  """The 'train' checkpoint item: what resuming needs beyond the inference params (and the
-  raw params too when EMA weights are the inference ones). Works on abstract states too."""
-  train = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite,
-           "first_nonfinite": state.first_nonfinite}
-  if state.ema_params is not None:
-    train["params"] = state.params
-  return train
-
-
-def _from_items(inference: Any, t: dict[str, Any], ema: bool) -> TrainState:
-  if ema:
-    return TrainState(t["step"], t["params"], t["opt_state"], inference, t["nonfinite"],
-                      t["first_nonfinite"])
-  return TrainState(t["step"], inference, t["opt_state"], None, t["nonfinite"], t["first_nonfinite"])
-
-
-class DiskFull(OSError):
-  """No space left while writing a checkpoint; earlier steps are untouched."""
-
-  def __str__(self) -> str:
-    return self.strerror
-
-
-def _is_disk_full(e: BaseException | None) -> bool:
-  while e is not None:
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def _resume(ckpt_dir: str, step: int | None, abstract: TrainState, report: Callable[[str], None],
-            is_main: bool) -> tuple[TrainState, dict[str, Any] | None] | None:
-  """Restore the newest intact step (or `step`): verified checksums, finite values.
-
-  Steps newer than the one restored (damaged ones, or all newer ones when `step` is
-  given) are moved to checkpoints.set_aside/ so that training can go on from it; nothing
-  is deleted. Returns None when there is nothing to resume.
-  """
-  if is_main:
-    for s in checkpoint.seal_finalized(ckpt_dir):
-      report(f"checkpoint step {s} was finalised but not sealed when its run stopped; sealed it")
-  _sync("spadnet_sealed")
-  if not checkpoint.steps(ckpt_dir):
-    if step is not None:
-      raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint steps to resume step {step} from")
-    return None
-  ema = abstract.ema_params is not None
-
-  def restore(s: int) -> tuple[TrainState, dict[str, Any] | None]:
-    with checkpoint.manager(ckpt_dir, read_only=True) as mngr:
-      inference, train, position = checkpoint.restore_train(
-          mngr, s, abstract.ema_params if ema else abstract.params, _train_item(abstract))
-    state = _from_items(inference, train, ema)
-    if not bool(jax.device_get(jax.jit(all_finite)(state))):
-      raise checkpoint.DamagedCheckpoint(f"checkpoint step {s} in {ckpt_dir} holds non-finite values")
-    return state, position
-
-  restored, result = checkpoint.restore_newest_intact(ckpt_dir, step, restore, report)
-  if is_main:
-    newer = [s for s in checkpoint.steps(ckpt_dir) if s > restored]
-    aside = os.path.join(os.path.dirname(ckpt_dir), "checkpoints.set_aside")
-    for s in newer:
-      os.makedirs(aside, exist_ok=True)
-      target = os.path.join(aside, str(s))
-      if os.path.exists(target):
-        target = f"{target}.{int(time.time())}"
-      shutil.move(os.path.join(ckpt_dir, str(s)), target)
-      report(f"moved checkpoint step {s} to {target}: training goes on from step {restored}")
-  _sync("spadnet_set_aside")
-  return result
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
@@ -222,26 +138,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   naming the holder.
   """
   mesh = sharding.make_mesh(cfg.fsdp)
-  validate_config(cfg, mesh.size)
   model = build_model(cfg)
+  loss_terms = validate_config(cfg, mesh.size)
   workdir = os.path.abspath(workdir)
   with files.WorkdirLock(workdir, jax.process_index()), \
        preemption.StopRequest(cfg.preemption_sync_every) as stop:
-    return _train(cfg, workdir, mesh, model, step, stop)
+    return _train(cfg, workdir, mesh, model, loss_terms, step, stop)
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
-           model: SPADNet, resume_step: int | None,
+           model: SPADNet, loss_terms: dict[str, float], resume_step: int | None,
            stop: preemption.StopRequest) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   report = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
 
-  builder = pipeline.load_builder(cfg.data)          # fails early on a missing data set
+  data = pipeline.Data(cfg.data)          # prepared once here; fails early on a missing data set
   if is_main:
     with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
-  train_size = builder.info.splits[cfg.data.train_split].num_examples
+  train_size = data.num_examples(cfg.data.train_split)
   steps_per_epoch = max(train_size // cfg.batch_size, 1)
   num_steps = cfg.num_train_steps if cfg.num_train_steps > 0 else int(cfg.num_epochs * steps_per_epoch)
   tx, schedule = make_optimizer(cfg, steps_per_epoch)
@@ -259,7 +175,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  resumed = _resume(ckpt_dir, resume_step, abstract, report, is_main)
+  resumed = checkpoint.resume(ckpt_dir, resume_step, abstract, all_finite, report, is_main)
   if resumed is not None:
     state, position = resumed
     step = int(jax.device_get(state.step))
@@ -272,10 +188,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
 
   params_sharding = {"params": state_shardings.ema_params if state_shardings.ema_params is not None
                      else state_shardings.params}
-  evaluator = evaluation.Evaluator(model, cfg.data, cfg.data.eval_split, mesh, cfg.eval_batch_size,
+  evaluator = evaluation.Evaluator(model, data, cfg.data.eval_split, mesh, cfg.eval_batch_size,
                                    limit=cfg.num_eval_images, score=cfg.metric_score,
                                    variables_sharding=params_sharding)
-  saver = _Saver(ckpt_dir, cfg, model, is_main)
+  saver = checkpoint.TrainSaver(ckpt_dir, model, cfg.batch_size, keep=cfg.keep_checkpoints,
+                                async_save=cfg.async_checkpoints,
+                                stop_on_nonfinite=cfg.nonfinite == "stop", is_main=is_main)
   stop.reached_sync_point = saver.reached_preemption
   preempted = False
   try:
@@ -283,10 +201,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
       report(f"training already finished at step {step} (num_train_steps {num_steps}); "
              "evaluating the final checkpoint")
     else:
-      iterator = iter(pipeline.train_dataset(cfg.data, model.scale, cfg.batch_size, cfg.seed,
+      iterator = iter(pipeline.train_dataset(data, model.scale, cfg.batch_size, cfg.seed,
                                              start=examples_seen))
-      train_step = _compile_train_step(cfg, model, tx, schedule, mesh, abstract, state_shardings,
-                                       report)
+      train_step = _compile_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract,
+                                       state_shardings, report)
       state, step, preempted = _loop(cfg, train_step, iterator, mesh, state, step, num_steps,
                                      steps_per_epoch, examples_seen, evaluator, writer, saver,
                                      stop, is_main, workdir, report)
@@ -299,126 +217,33 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     return {"preempted_at": step}
 
   result = evaluator({"params": inference_params(state)}, limit=-1)
-  protocol = evaluate_lib.protocol(cfg.metric_score)
   skipped = int(jax.device_get(state.nonfinite))
-  extra = {"step": step, "protocol": protocol, "split": cfg.data.eval_split, "data": cfg.data.name,
-           "skipped_updates": skipped}
-  if is_main:
-    path = evaluation.write_metrics(workdir, result, extra)
-    print(evaluation.format_table(result["summary"], protocol), flush=True)
-    print(f"wrote {path}", flush=True)
+  summary = evaluation.report(workdir, result, {
+      "step": step, "protocol": metrics.protocol(cfg.metric_score), "split": cfg.data.eval_split,
+      "data": cfg.data.name, "skipped_updates": skipped})
   if skipped > cfg.max_skipped_fraction * max(step, 1):
     raise FloatingPointError(
         f"{skipped} of {step} updates were skipped as non-finite ({skipped / max(step, 1):.1%}), "
         f"more than config.max_skipped_fraction={cfg.max_skipped_fraction}: the run diverged")
-  return {**result["summary"], **extra}
+  return summary
 
 
-class _Saver:
-  """Saves training steps, seals each once Orbax has finalised it, guards against saving
-  after a non-finite update, and turns a full disk into one clear error."""
-
-  def __init__(self, ckpt_dir: str, cfg: ml_collections.ConfigDict, model: SPADNet, is_main: bool):
-    self.ckpt_dir, self.cfg, self.model, self.is_main = ckpt_dir, cfg, model, is_main
-    self.mngr = checkpoint.manager(ckpt_dir, keep=cfg.keep_checkpoints,
-                                   async_save=cfg.async_checkpoints)
-    self.unsealed: list[int] = []
-
-  def _error(self, e: Exception, step: int) -> Exception:
-    if not _is_disk_full(e):
-      return e
-    return DiskFull(errno.ENOSPC, f"no space left on device writing checkpoint step {step} in "
-                    f"{self.ckpt_dir}; earlier checkpoints are intact: free space and rerun the "
-                    "same command to resume")
-
-  def seal_saved(self) -> None:
-    """Wait for in-flight saves, then write their checksums (primary process)."""
-    if not self.unsealed:
-      return
-    try:
-      self.mngr.wait_until_finished()
-    except Exception as e:
-      raise self._error(e, self.unsealed[-1]) from e
-    if self.is_main:
-      kept = set(self.mngr.all_steps())
-      for s in self.unsealed:
-        if s in kept:
-          checkpoint.seal(self.ckpt_dir, s)
-    self.unsealed.clear()
-
-  def check_finite(self, state: TrainState, at: int) -> None:
-    """Under nonfinite='stop', stop once an update was skipped, naming a good step on disk."""
-    if self.cfg.nonfinite != "stop" or not int(jax.device_get(state.nonfinite)):
-      return
-    self.seal_saved()
-    first = int(jax.device_get(state.first_nonfinite))
-    last = self.mngr.latest_step()
-    good = (f"last good checkpoint: step {last} in {self.ckpt_dir}" if last is not None
-            else "no checkpoint was saved")
-    raise FloatingPointError(
-        f"non-finite loss, gradient or updated state at step {first} (config.nonfinite='stop'); "
-        f"the update was not applied and training stopped at step {at}; {good}")
-
-  def _check_space(self, state: TrainState, at: int) -> None:
-    """Refuse a save the disk cannot hold (about the size of the newest step, or of the
-    state before the first save), before Orbax starts writing it. The processes agree."""
-    newest = checkpoint.steps(self.ckpt_dir)
-    if newest:
-      need = checkpoint.step_bytes(self.ckpt_dir, newest[0])
-    else:
-      need = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
-    short = shutil.disk_usage(self.ckpt_dir).free < 1.1 * need + (1 << 20)
-    if jax.process_count() > 1:
-      jax.block_until_ready(state)
-      short = bool(multihost_utils.process_allgather(np.asarray(short)).any())
-    if short:
-      raise self._error(OSError(errno.ENOSPC, "No space left on device"), at)
-
-  def save(self, state: TrainState, at: int, examples_seen: int,
-           metrics: dict[str, float] | None = None) -> None:
-    self.check_finite(state, at)
-    if self.mngr.latest_step() == at:
-      return
-    self.seal_saved()
-    self._check_space(state, at)
-    try:
-      checkpoint.save_train(self.mngr, at, self.model, inference_params(state), _train_item(state),
-                            {"examples_seen": examples_seen, "batch_size": self.cfg.batch_size},
-                            metrics)
-    except Exception as e:
-      raise self._error(e, at) from e
-    self.unsealed.append(at)
-
-  def reached_preemption(self, step: int) -> bool:
-    return self.mngr.reached_preemption(step)
-
-  def close(self) -> None:
-    try:
-      self.mngr.close()
-    except Exception:  # pylint: disable=broad-except  # an error being raised says what failed
-      pass
-
-
-def _compile_train_step(cfg, model, tx, schedule, mesh, abstract, state_shardings,
+def _compile_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract, state_shardings,
                         report) -> Callable:
-  batch_spec = {k: jax.ShapeDtypeStruct((cfg.batch_size, 128, 128, c), jnp.float32,
-                                        sharding=sharding.batch_sharding(mesh))
-                for k, c in (("hr", 3), ("lr_up", 3), ("heatmap", 5))}
-  batch_spec["lr"] = jax.ShapeDtypeStruct((cfg.batch_size, 128 // model.scale, 128 // model.scale, 3),
-                                          jnp.float32, sharding=sharding.batch_sharding(mesh))
+  batch_spec = contract.batch_spec(cfg.batch_size, model.scale, sharding.batch_sharding(mesh))
   start = time.perf_counter()
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, cfg.heatmap_loss_weight, cfg.optimizer.ema_decay),
+      make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0).lower(abstract, batch_spec).compile()
-  platform.release_host_memory()
+  process_setup.release_host_memory()
   report(f"compiled the train step in {time.perf_counter() - start:.1f} s")
   return train_step
 
 
 def _loop(cfg, train_step, iterator, mesh, state, step, num_steps, steps_per_epoch, examples_seen,
-          evaluator, writer, saver: _Saver, stop: preemption.StopRequest, is_main, workdir,
+          evaluator, writer, saver: checkpoint.TrainSaver, stop: preemption.StopRequest, is_main, workdir,
           report):
   """The training steps; returns (state, step, preempted)."""
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -447,7 +272,9 @@ def _loop(cfg, train_step, iterator, mesh, state, step, num_steps, steps_per_epo
         rate = (step - start_step) / (time.perf_counter() - start)
         eta = (num_steps - step) / max(rate, 1e-9)
         skip_note = f" | skipped {skipped}" if cfg.nonfinite == "skip" else ""
-        report(f"step {step}/{num_steps} loss {scalars['train_loss']:.4f}{skip_note} | "
+        terms = ", ".join(f"{k[len('train_loss_'):]} {v:.4f}" for k, v in sorted(scalars.items())
+                          if k.startswith("train_loss_"))
+        report(f"step {step}/{num_steps} loss {scalars['train_loss']:.4f} ({terms}){skip_note} | "
                f"{rate:.2f} steps/s | ETA {eta / 60:.1f} min")
         train_metrics = None
       evaluated = None

@@ -7,9 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from spadnet_jax import platform
+from spadnet_jax import process_setup
 
-platform.configure_xla_cpu()   # before any test starts a JAX backend
+process_setup.configure_xla_cpu()   # before any test starts a JAX backend
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = pathlib.Path(os.environ.get("SPADNET_FIXTURES", REPO.parent / "shared" / "fixtures"))

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from spadnet_jax.data import builders, degrade, landmarks as lmk, pipeline, synthetic
+from spadnet_jax.data import builders, degrade, landmarks as lmk, pipeline, sources, synthetic
 from spadnet_jax.ops import resample
 from tests.conftest import REPO
 
@@ -21,6 +21,10 @@ def _cfg(**kw):
               augment_rot90=False, num_threads=1, prefetch=2)
   base.update(kw)
   return ml_collections.ConfigDict(base)
+
+
+def _data(**kw):
+  return pipeline.Data(_cfg(**kw))
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +155,7 @@ def test_synthetic_builder_registered_and_read_without_tf(tfds_dir):
 # --- pipeline -----------------------------------------------------------------------------
 
 def test_train_batches_have_the_contract(tfds_dir):
-  it = iter(pipeline.train_dataset(_cfg(data_dir=tfds_dir, augment_flip=True, augment_rot90=True),
+  it = iter(pipeline.train_dataset(_data(data_dir=tfds_dir, augment_flip=True, augment_rot90=True),
                                    scale=8, global_batch=4, seed=0))
   b = next(it)
   assert b["hr"].shape == (4, 128, 128, 3) and b["lr"].shape == (4, 16, 16, 3)
@@ -165,7 +169,7 @@ def test_train_batches_have_the_contract(tfds_dir):
 
 
 def test_train_iterator_resumes_from_a_global_position(tfds_dir):
-  cfg = _cfg(data_dir=tfds_dir, augment_flip=True, augment_rot90=True)
+  cfg = _data(data_dir=tfds_dir, augment_flip=True, augment_rot90=True)
   it = iter(pipeline.train_dataset(cfg, 4, 8, seed=3))
   for _ in range(7):                     # past the first epoch of 48 faces (6 batches)
     next(it)
@@ -182,7 +186,7 @@ def test_train_iterator_resumes_from_a_global_position(tfds_dir):
 
 
 def test_processes_read_their_rows_of_each_global_batch(tfds_dir, monkeypatch):
-  cfg = _cfg(data_dir=tfds_dir, augment_flip=True)
+  cfg = _data(data_dir=tfds_dir, augment_flip=True)
   one = iter(pipeline.train_dataset(cfg, 8, 8, seed=1, start=40))
   whole = [next(one) for _ in range(3)]
   parts = []
@@ -198,7 +202,7 @@ def test_processes_read_their_rows_of_each_global_batch(tfds_dir, monkeypatch):
 
 
 def test_epochs_are_reshuffled(tfds_dir):
-  it = iter(pipeline.train_dataset(_cfg(data_dir=tfds_dir), 8, 48, seed=0))
+  it = iter(pipeline.train_dataset(_data(data_dir=tfds_dir), 8, 48, seed=0))
   e1, e2 = next(it)["filename"], next(it)["filename"]
   assert sorted(e1) == sorted(e2) and list(e1) != list(e2)
 
@@ -208,7 +212,7 @@ def test_processes_read_disjoint_shards(tfds_dir, monkeypatch):
   for index in range(2):
     monkeypatch.setattr(jax, "process_index", lambda index=index: index)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    ds, count = pipeline.eval_dataset(_cfg(data_dir=tfds_dir), 8, "test", 4)
+    ds, count = pipeline.eval_dataset(_data(data_dir=tfds_dir), 8, "test", 4)
     names.append([str(n) for b in ds for n in b["filename"]])
     assert count == 10
   assert not set(names[0]) & set(names[1]) and len(set(names[0]) | set(names[1])) == 20
@@ -217,24 +221,28 @@ def test_processes_read_disjoint_shards(tfds_dir, monkeypatch):
 
 
 def test_eval_dataset_keeps_order_and_last_short_batch(tfds_dir):
-  ds, count = pipeline.eval_dataset(_cfg(data_dir=tfds_dir), 4, "test", 8)
+  ds, count = pipeline.eval_dataset(_data(data_dir=tfds_dir), 4, "test", 8)
   sizes = [len(b["hr"]) for b in ds]
   assert count == 20 and sizes == [8, 8, 4]
   assert next(iter(ds))["lr"].shape == (8, 32, 32, 3)
 
 
 def test_unknown_data_set_and_split_are_named(tfds_dir):
-  with pytest.raises(ValueError, match="config.data.name='nope_faces' is not a known data set"):
-    pipeline.get_source(_cfg(name="nope_faces", data_dir=tfds_dir), "train")
+  with pytest.raises(ValueError, match=r"config.data.name='nope_faces' is not a registered data "
+                     r"source; registered: \['celeb_a', 'face_folder', 'synthetic_faces'"):
+    _data(name="nope_faces", data_dir=tfds_dir)
+  with pytest.raises(ValueError, match="'synthetic_faces/nope' is not a known tfds data set"):
+    _data(name="synthetic_faces/nope", data_dir=tfds_dir)
   with pytest.raises(ValueError, match="has no split 'validation'"):
-    pipeline.get_source(_cfg(data_dir=tfds_dir), "validation")
+    _data(data_dir=tfds_dir).raw("validation")
 
 
 def test_celeb_a_adapter_with_mocked_tfds():
   with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
-    ds, groups = pipeline.get_source(_cfg(name="celeb_a"), "train")
-    raw = ds[0]
-  assert groups == pipeline.CELEBA_GROUPS
+    data = _data(name="celeb_a")
+    raw = data.raw("train")[0]
+  groups = data.source.groups
+  assert groups == sources.CELEBA_GROUPS and list(data.source.mirror) == [1, 0, 2, 4, 3]
   assert raw["hr"].shape == (128, 128, 3) and raw["landmarks"].shape == (5, 2)
   ex = pipeline.make_example(raw["hr"], raw["landmarks"], "x.jpg", 8, groups=groups)
   assert ex["heatmap"].shape == (128, 128, 5) and np.all(ex["heatmap"][:, :, 4] == 0)
@@ -242,9 +250,9 @@ def test_celeb_a_adapter_with_mocked_tfds():
 
 def test_celeb_a_crop_maps_landmarks():
   ex = {"image": np.zeros((218, 178, 3), np.uint8), "filename": "a.jpg",
-        "landmarks": {f"{p}_{a}": v for p in pipeline.CELEBA_POINTS
+        "landmarks": {f"{p}_{a}": v for p in sources.CELEBA_POINTS
                       for a, v in (("x", 88.5), ("y", 108.5))}}
-  out = pipeline._celeba_example(ex)
+  out = sources.celeba_example(ex)
   # The centre of the 178x178 crop (88.5, 20 + 88.5) lands at the 128x128 centre.
   assert out["hr"].shape == (128, 128, 3)
   np.testing.assert_allclose(out["landmarks"], 63.5, atol=1e-4)
@@ -348,19 +356,19 @@ def test_a_prepared_copy_from_another_source_is_refused(tmp_path):
   _write_folder(tmp_path / "b")
   cfg = _cfg(name="face_folder/helen", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "a"),
              skip_bad_examples=False)
-  pipeline.load_builder(cfg)
-  pipeline.load_builder(cfg)                                   # same source: reused
+  pipeline.Data(cfg)
+  pipeline.Data(cfg)                                   # same source: reused
   cfg.manual_dir = str(tmp_path / "b")
   with pytest.raises(ValueError, match=r"was built from another source \(manual_dir: built "
                      r"'.*/a', now '.*/b'.*delete that folder"):
-    pipeline.load_builder(cfg)
+    pipeline.Data(cfg)
   cfg.manual_dir, cfg.skip_bad_examples = str(tmp_path / "a"), True
   with pytest.raises(ValueError, match=r"skip_bad_examples: built False, now True"):
-    pipeline.load_builder(cfg)
+    pipeline.Data(cfg)
   os.utime(tmp_path / "a" / "train" / "HR" / "00001.png", ns=(1, 1))  # the source changed
   cfg.skip_bad_examples = False
   with pytest.raises(ValueError, match=r"fingerprint: built"):
-    pipeline.load_builder(cfg)
+    pipeline.Data(cfg)
 
 
 def test_missing_split_folder_is_named(tmp_path):

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from spadnet_jax import checkpoint, convert, evaluation, sharding, trainer
+from spadnet_jax.data import pipeline
 from tests.conftest import REPO, fixture_path
 from tests.train_helpers import tiny_config
 
@@ -65,7 +66,7 @@ def test_evaluator_compiles_once_and_masks_padding(trained):
   model, variables, _ = checkpoint.load_model(os.path.join(workdir, "checkpoints"))
   mesh = sharding.make_mesh()
   cfg = tiny_config(data_dir)
-  ev = evaluation.Evaluator(model, cfg.data, "test", mesh, batch_size=8)   # 20 = 8 + 8 + 4
+  ev = evaluation.Evaluator(model, pipeline.Data(cfg.data), "test", mesh, batch_size=8)  # 20 = 8+8+4
   result = ev(variables)
   assert ev.step._cache_size() == 1
   assert result["summary"]["num_images"] == 20 and len(result["per_image"]["psnr_y"]) == 20

@@ -1,6 +1,7 @@
 """Training: the whole loop on a tiny config, resumption, sharding, failures and preemption."""
 import json
 import os
+import re
 import signal
 import time
 
@@ -31,12 +32,12 @@ def test_train_writes_metrics_and_checkpoints(tmp_path, data_dir, capsys):
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   out = capsys.readouterr().out
   assert "steps/s" in out and "ETA" in out and "| PSNR (Y) |" in out
+  assert re.search(r"^step 4/4 loss [0-9.]+ \(heatmap_l1 [0-9.]+, sr_l1 [0-9.]+\) \|", out, re.M)
   metrics = json.loads((tmp_path / "metrics.json").read_text())
   for key in ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y", "nme", "images_per_s"):
     assert np.isfinite(metrics[key]), key
   assert metrics["num_images"] == 20 and summary["step"] == 4
-  steps = ocp.utils.checkpoint_steps(str(tmp_path / "checkpoints"))
-  assert sorted(steps) == [2, 4]
+  assert checkpoint.steps(str(tmp_path / "checkpoints")) == [4, 2]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
   variables, step = _params(str(tmp_path))
   assert step == 4 and np.isfinite(np.asarray(variables["params"]["head"]["kernel"])).all()
@@ -58,9 +59,7 @@ def test_options_bf16_clip_remat_ema(tmp_path, data_dir):
                                  "optimizer.grad_clip": 0.5, "optimizer.ema_decay": 0.5})
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert np.isfinite(summary["psnr_y"])
-  mngr = checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True)
-  r = mngr.restore(4, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                              train=ocp.args.StandardRestore()))
+  r = checkpoint.read_items(str(tmp_path / "checkpoints"), 4)
   ema, raw = r["params"]["params"]["head"]["kernel"], r["train"]["params"]["head"]["kernel"]
   assert ema.dtype == np.float32 and not np.array_equal(ema, raw)
 
@@ -109,8 +108,7 @@ def test_nonfinite_skip_counts_reports_and_fails_a_diverged_run(tmp_path, data_d
   out = capsys.readouterr().out
   assert "step 1/4 loss" in out and "| skipped 1 |" in out and "| skipped 4 |" in out
   assert json.loads((tmp_path / "metrics.json").read_text())["skipped_updates"] == 4
-  mngr = checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True)
-  train = mngr.restore(4, args=ocp.args.Composite(train=ocp.args.StandardRestore()))["train"]
+  train = checkpoint.read_items(str(tmp_path / "checkpoints"), 4, ("train",))["train"]
   assert int(train["nonfinite"]) == 4 and int(train["first_nonfinite"]) == 0
   # Within the allowed fraction the run succeeds and still reports the count.
   cfg = tiny_config(data_dir, nonfinite="skip", max_skipped_fraction=1.0,
@@ -121,7 +119,9 @@ def test_nonfinite_skip_counts_reports_and_fails_a_diverged_run(tmp_path, data_d
 @pytest.mark.parametrize("override,message", [
     ({"model.scale": 3}, r"config.model.scale must be one of \(4, 8, 16\), got 3"),
     ({"eval_batch_size": 0}, r"config.eval_batch_size=0 must be an integer >= 1"),
-    ({"data.name": "no_such_faces"}, r"config.data.name='no_such_faces' is not a known data set"),
+    ({"data.name": "no_such_faces"}, r"config.data.name='no_such_faces' is not a registered data"),
+    ({"loss.sr_l2": 1.0}, r"config.loss.sr_l2: no loss term named 'sr_l2' is registered"),
+    ({"loss.heatmap_l1": -1.0}, r"config.loss.heatmap_l1=-1.0 must be a finite number >= 0"),
     ({"data.name": "face_folder/helen"}, r"config.data.manual_dir must point at"),
     ({"model.gsac_gate": "pixel"}, r"config.model: SPADNet.gsac_gate must be"),
     ({"nonfinite": "ignore"}, r"config.nonfinite='ignore' must be one of \['stop', 'skip'\]"),

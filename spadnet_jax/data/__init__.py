@@ -1,5 +1,7 @@
-"""Face SR data: tfds builders (registered on import), LR synthesis and the grain pipeline."""
-from spadnet_jax.data import builders, degrade, landmarks
+"""Face SR data: registered sources, the data contract, LR synthesis and the grain pipeline."""
+from spadnet_jax.data import builders, contract, degrade, landmarks, sources
 from spadnet_jax.data.builders import BadExample, FaceFolder, SyntheticFaces
+from spadnet_jax.data.sources import DataSource, get_source, register_source
 
-__all__ = ["BadExample", "FaceFolder", "SyntheticFaces", "builders", "degrade", "landmarks"]
+__all__ = ["BadExample", "DataSource", "FaceFolder", "SyntheticFaces", "builders", "contract",
+           "degrade", "get_source", "landmarks", "register_source", "sources"]

@@ -16,8 +16,7 @@ from PIL import Image
 
 from spadnet_jax.data import landmarks as lmk
 from spadnet_jax.data import synthetic
-
-HR_SIZE = 128
+from spadnet_jax.data.contract import HR_SIZE
 
 
 def _features() -> tfds.features.FeaturesDict:
