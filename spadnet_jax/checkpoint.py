@@ -214,7 +214,7 @@ def check_finite(tree: Any, where: str) -> None:
 # --- training ------------------------------------------------------------------------------
 
 def _train_item(state: Any) -> dict[str, Any]:
-  """The 'train' item of a trainer.TrainState: what resuming needs beyond the inference
+  """The 'train' item of a train_step.TrainState: what resuming needs beyond the inference
   params (and the raw params too when EMA weights are the inference ones). Works on
   abstract states too."""
   train = {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite,

@@ -13,20 +13,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from spadnet_jax.registry import Registry
+
 LossFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], jax.Array]
-LOSSES: dict[str, LossFn] = {}
+LOSSES: Registry[LossFn] = Registry("loss term")
 
 
 def register(name: str) -> Callable[[LossFn], LossFn]:
   """Decorator: register fn(outputs, batch) -> scalar as loss term `name` (config.loss.<name>)."""
-
-  def add(fn: LossFn) -> LossFn:
-    if name in LOSSES:
-      raise ValueError(f"a loss term named {name!r} is already registered")
-    LOSSES[name] = fn
-    return fn
-
-  return add
+  return lambda fn: LOSSES.add(name, fn)
 
 
 @register("sr_l1")

@@ -95,7 +95,7 @@ def test_pac_impls_agree_at_model_width(rng):
 
 def test_pac_conv_rejects_unknown_impl(data):
   _, x, w, b = data
-  with pytest.raises(ValueError, match="unknown PAC implementation 'pallas'"):
+  with pytest.raises(ValueError, match="unknown PAC formulation 'pallas'"):
     ops.pac_conv(x, jnp.ones(x.shape[:3] + (9,)), w, b, impl="pallas")
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from spadnet_jax.data import builders  # noqa: F401  (registers the tfds builders)
 from spadnet_jax.data import contract, landmarks as lmk, provenance
+from spadnet_jax.registry import Registry
 
 Splits = Mapping[str, Sequence[dict[str, Any]]]
 Loader = Callable[[ml_collections.ConfigDict], Splits]
@@ -34,7 +35,7 @@ class DataSource:
   mirror: np.ndarray = dataclasses.field(default_factory=lambda: lmk.MIRROR)
 
 
-SOURCES: dict[str, DataSource] = {}
+SOURCES: Registry[DataSource] = Registry("data source")
 
 
 def register_source(name: str, groups: tuple[tuple[int, ...], ...] = lmk.GROUPS,
@@ -49,10 +50,8 @@ def register_source(name: str, groups: tuple[tuple[int, ...], ...] = lmk.GROUPS,
                      f"{contract.HEATMAP_CHANNELS}")
 
   def add(load: Loader) -> Loader:
-    if name in SOURCES:
-      raise ValueError(f"a data source named {name!r} is already registered")
-    SOURCES[name] = DataSource(load, tuple(groups),
-                               lmk.MIRROR if mirror is None else np.asarray(mirror))
+    SOURCES.add(name, DataSource(load, tuple(groups),
+                                 lmk.MIRROR if mirror is None else np.asarray(mirror)))
     return load
 
   return add

@@ -83,7 +83,7 @@ class PacConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, guide: jnp.ndarray) -> jnp.ndarray:
-    kernel = ops.get_kernel(self.kernel_type)
+    kernel = ops.KERNELS.lookup(self.kernel_type)
     w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
     b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     scalars = {name: self.param(name, nn.initializers.constant(init), ()).astype(self.dtype)

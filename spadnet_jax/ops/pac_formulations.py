@@ -21,21 +21,15 @@ from spadnet_jax.ops.ordering import after
 from spadnet_jax.ops.reduce import accumulation_dtype, channel_sum, feature_sum
 from spadnet_jax.ops.windows import (crop_window, for_each_tap, pad_window, shift, tap_slice, unfold,
                                      window_offsets)
+from spadnet_jax.registry import Registry
 
 PacFormulation = Callable[..., jnp.ndarray]   # (x, k, w, b=None) -> (N, H, W, Cout)
-PAC_IMPLS: dict[str, PacFormulation] = {}
+PAC_IMPLS: Registry[PacFormulation] = Registry("PAC formulation")
 
 
 def register_formulation(name: str) -> Callable[[PacFormulation], PacFormulation]:
   """Decorator: register fn(x, k, w, b) as PAC formulation `name` (model field pac_impl)."""
-
-  def add(fn: PacFormulation) -> PacFormulation:
-    if name in PAC_IMPLS:
-      raise ValueError(f"a PAC formulation named {name!r} is already registered")
-    PAC_IMPLS[name] = fn
-    return fn
-
-  return add
+  return lambda fn: PAC_IMPLS.add(name, fn)
 
 
 @register_formulation("einsum")
@@ -165,14 +159,7 @@ def pac_conv_auto(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   return by_platform(pac_conv_fused, pac_conv_einsum, x, k, w, b)
 
 
-def get_formulation(name: str) -> PacFormulation:
-  try:
-    return PAC_IMPLS[name]
-  except KeyError:
-    raise ValueError(f"unknown PAC implementation {name!r}; registered: {sorted(PAC_IMPLS)}") from None
-
-
 def pac_conv(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None,
              impl: str = "auto") -> jnp.ndarray:
   """Pixel-adaptive convolution with the registered formulation named by `impl`."""
-  return get_formulation(impl)(x, k, w, b)
+  return PAC_IMPLS.lookup(impl)(x, k, w, b)

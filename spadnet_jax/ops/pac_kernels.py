@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from spadnet_jax.ops.ordering import after
 from spadnet_jax.ops.reduce import accumulation_dtype, feature_sum
 from spadnet_jax.ops.windows import for_each_tap, pad_window, tap_slice, window_offsets
+from spadnet_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,26 +28,18 @@ class PacKernel:
   params: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
-KERNELS: dict[str, PacKernel] = {}
+KERNELS: Registry[PacKernel] = Registry("PAC kernel")
 
 
 def register_kernel(name: str, params: Mapping[str, float] | None = None) -> Callable:
-  """Decorator: register fn(h, ksize, **params) as PAC kernel `name` (model field pac_kernel)."""
+  """Decorator: register fn(h, ksize, **params) as PAC kernel `name` (model field
+  pac_kernel); `params` names its learnable scalars and their initial values."""
 
   def add(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
-    if name in KERNELS:
-      raise ValueError(f"a PAC kernel named {name!r} is already registered")
-    KERNELS[name] = PacKernel(fn, dict(params or {}))
+    KERNELS.add(name, PacKernel(fn, dict(params or {})))
     return fn
 
   return add
-
-
-def get_kernel(name: str) -> PacKernel:
-  try:
-    return KERNELS[name]
-  except KeyError:
-    raise ValueError(f"unknown PAC kernel {name!r}; registered: {sorted(KERNELS)}") from None
 
 
 def _wide_grid(h: jnp.ndarray, ksize: int) -> tuple[jnp.ndarray, tuple[int, ...]]:
