@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging as std_logging
+import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -53,10 +55,55 @@ def _unknown_override(argv: Sequence[str], path: str | None) -> str | None:
   return None
 
 
+_FIELD_COMMENT = re.compile(r"^\s*c\.([\w.]+)\s*=[^#]*#\s*(.+?)\s*$")
+HELP_FLAGS = ("-h", "--help", "--helpfull", "-?")
+
+
+def field_comments(paths: Sequence[str]) -> dict[str, str]:
+  """Each config field's one-line meaning: the comment on the line that sets `c.FIELD` in
+  the config files (earlier files win)."""
+  out: dict[str, str] = {}
+  for path in paths:
+    if os.path.isfile(path):
+      with open(path) as f:
+        for line in f:
+          m = _FIELD_COMMENT.match(line)
+          if m:
+            out.setdefault(m.group(1), m.group(2))
+  return out
+
+
+def help_text(config_path: str | None) -> str:
+  """What --help prints: the program's docstring, its flags and the distributed flags, and
+  every config field with its default and meaning."""
+  main = sys.modules.get("__main__")
+  parts = [(main.__doc__ or "").strip(), "", "flags:", flags.FLAGS.main_module_help().strip()]
+  if "distributed" in flags.FLAGS:
+    parts += ["", "multi-process flags:", flags.FLAGS.module_help(process_setup.__name__).strip()]
+  parts += ["", "--verbosity=1 shows tracebacks and the libraries' logs."]
+  if config_path:
+    cfg = _load_config(config_path)
+    default = os.path.join(os.path.dirname(os.path.abspath(config_path)), "default.py")
+    meaning = field_comments([config_path, default])
+    rows = []
+    for name in config_check.field_names(cfg):
+      value = config_check.get_field(cfg, name)
+      if not hasattr(value, "items"):
+        rows.append((f"{name} = {value!r}", meaning.get(name, "")))
+    width = max(len(r[0]) for r in rows) + 2
+    parts += ["", f"config fields ({config_path}; override with --config.FIELD=VALUE):"]
+    parts += [f"  {left.ljust(width)}{right}".rstrip() for left, right in rows]
+  return "\n".join(parts)
+
+
 def flags_parser(default_config: str | None) -> Callable[[list[str]], list[str]]:
-  """An absl flags parser that reports a bad flag or --config.FIELD override in one line."""
+  """An absl flags parser that reports a bad flag or --config.FIELD override in one line,
+  and answers --help with help_text (exit status 0)."""
 
   def parse(argv: list[str]) -> list[str]:
+    if any(a in HELP_FLAGS for a in argv[1:]):
+      print(help_text(_config_file(argv, default_config)))
+      sys.exit(0)
     try:
       return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except  # config_flags raises many types

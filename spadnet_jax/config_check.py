@@ -22,7 +22,8 @@ AT_LEAST_ONE = ("batch_size", "eval_batch_size", "log_every", "eval_every", "che
 NON_NEGATIVE = ("num_epochs", "num_grid_images", "profile_steps")
 
 
-def _get(cfg: ml_collections.ConfigDict, name: str) -> Any:
+def get_field(cfg: ml_collections.ConfigDict, name: str) -> Any:
+  """The value of dotted field `name` (e.g. 'model.scale')."""
   value = cfg
   for part in name.split("."):
     value = value[part]
@@ -36,11 +37,11 @@ def _is_number(value: Any) -> bool:
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raise ValueError for the first invalid field of a training configuration."""
   for name in AT_LEAST_ONE:
-    v = _get(cfg, name)
+    v = get_field(cfg, name)
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"config.{name}={v!r} must be an integer >= 1")
   for name in NON_NEGATIVE:
-    v = _get(cfg, name)
+    v = get_field(cfg, name)
     if not _is_number(v) or not math.isfinite(v) or v < 0:
       raise ValueError(f"config.{name}={v!r} must be a finite number >= 0")
   if not isinstance(cfg.num_train_steps, int):
@@ -55,7 +56,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ValueError(f"config.{field}={cfg[field]} must be a positive multiple of the "
                        f"{num_devices} devices")
   for name, allowed in ENUMS.items():
-    v = _get(cfg, name)
+    v = get_field(cfg, name)
     if v not in allowed:
       raise ValueError(f"config.{name}={v!r} must be one of {list(allowed)}")
   o = cfg.optimizer

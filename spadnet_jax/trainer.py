@@ -64,6 +64,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
 
   data = pipeline.Data(cfg.data)          # prepared once here; fails early on a missing data set
+  report(f"data: {cfg.data.name}" + (f" in {data.location}" if data.location else ""))
   if is_main:
     with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
@@ -131,11 +132,29 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   summary = evaluation.report(workdir, result, {
       "step": step, "protocol": metrics.protocol(cfg.metric_score), "split": cfg.data.eval_split,
       "data": cfg.data.name, "skipped_updates": skipped})
+  writer.write_scalars(step, {f"test_{k}": v for k, v in result["summary"].items()})
+  writer.write_texts(step, {"test_table": evaluation.format_table(result["summary"],
+                                                                  summary["protocol"])})
+  writer.flush()
+  if os.path.isfile(grid_path(workdir, step)):
+    report(f"comparison grid (LR | bicubic | SR | HR | heatmap): {grid_path(workdir, step)}")
   if skipped > cfg.max_skipped_fraction * max(step, 1):
     raise FloatingPointError(
         f"{skipped} of {step} updates were skipped as non-finite ({skipped / max(step, 1):.1%}), "
         f"more than config.max_skipped_fraction={cfg.max_skipped_fraction}: the run diverged")
   return summary
+
+
+def grid_path(workdir: str, step: int) -> str:
+  """Where the comparison grid of the validation at `step` is written."""
+  return os.path.join(workdir, "grids", f"step_{step:06d}.png")
+
+
+def validation_line(step: int, s: dict[str, float]) -> str:
+  """The one line a periodic validation prints."""
+  return (f"validation at step {step} ({s['num_images']} images): PSNR-Y {s['psnr_y']:.2f} dB "
+          f"(bicubic {s['bicubic_psnr_y']:.2f}), SSIM-Y {s['ssim_y']:.4f} "
+          f"(bicubic {s['bicubic_ssim_y']:.4f}), NME {s['nme']:.3f}")
 
 
 def _compile_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract, state_shardings,
@@ -192,9 +211,12 @@ def _loop(cfg, train_step, iterator, mesh, state, step, num_steps, steps_per_epo
         result = evaluator({"params": inference_params(state)}, keep_images=cfg.num_grid_images)
         evaluated = result["summary"]
         writer.write_scalars(step, {f"eval_{k}": v for k, v in evaluated.items()})
+        report(validation_line(step, evaluated))
         if result["images"] is not None:
-          writer.write_images(step, {"eval_lr_bicubic_sr_hr_heatmap":
-                                     visualize.image_grid(result["images"])})
+          grid = visualize.image_grid(result["images"])
+          writer.write_images(step, {"eval_lr_bicubic_sr_hr_heatmap": grid})
+          if is_main:
+            visualize.save_png(grid_path(workdir, step), grid[0])
       if evaluated is not None or step % cfg.checkpoint_every == 0 or step == num_steps:
         saver.save(state, step, examples_seen,
                    None if evaluated is None else {"psnr_y": evaluated["psnr_y"]})

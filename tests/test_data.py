@@ -42,13 +42,29 @@ def test_pil_kernel_matches_pillow(rng, size_in, size_out):
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_degrade_quantises_lr_like_pillow_uint8(rng):
-  hr = (rng.random((128, 128, 3)) * 255).astype(np.uint8)
-  lr, lr_up = degrade.degrade(hr / 255.0, 8, "pil")
-  ref = np.asarray(Image.fromarray(hr).resize((16, 16), Image.BICUBIC), np.float32) / 255.0
-  assert lr.shape == (16, 16, 3) and lr_up.shape == (128, 128, 3)
-  assert np.abs(lr - ref).max() <= 1.0 / 255.0 + 1e-6   # Pillow's uint8 path is fixed point
-  assert np.allclose(lr * 255, np.round(lr * 255), atol=1e-4)
+def _real_photos():
+  """128x128 crops of real photos scikit-image ships (no download)."""
+  from skimage import data as photos   # pylint: disable=import-outside-toplevel
+  crops = []
+  for image, (y, x) in ((photos.astronaut(), (60, 170)), (photos.chelsea(), (60, 160)),
+                        (photos.coffee(), (100, 200)), (photos.rocket(), (200, 150))):
+    crops.append(np.ascontiguousarray(image[y:y + 128, x:x + 128, :3]))
+  return crops
+
+
+@pytest.mark.parametrize("scale", [4, 8, 16])
+def test_pil_lr_is_pillows_own_uint8_resize_of_real_photos(scale):
+  for hr in _real_photos():
+    lr, lr_up = degrade.degrade(hr / 255.0, scale, "pil")
+    ref = np.asarray(Image.fromarray(hr).resize((128 // scale,) * 2, Image.BICUBIC))
+    assert lr.shape == ref.shape and lr_up.shape == (128, 128, 3)
+    np.testing.assert_array_equal(np.round(lr * 255).astype(np.uint8), ref)   # 0 levels apart
+    np.testing.assert_allclose(lr_up, np.clip(degrade.resize(lr, 128, "pil"), 0, 1), atol=1e-6)
+  # The float re-implementation of the same kernel is not Pillow's 8-bit resize.
+  hr = _real_photos()[0]
+  ref = np.asarray(Image.fromarray(hr).resize((32, 32), Image.BICUBIC), np.int32)
+  floats = np.round(np.clip(degrade.resize(hr / 255.0, 32, "pil"), 0, 1) * 255).astype(np.int32)
+  assert np.abs(floats - ref).max() >= 1
 
 
 def test_matlab_kernel_properties():

@@ -22,6 +22,7 @@ class Data:
     self.cfg = cfg
     self.source = sources.get_source(cfg.name)
     self.splits = self.source.load(cfg)
+    self.location: str | None = getattr(self.splits, "location", None)   # where it is stored
 
   def raw(self, split: str) -> grain.MapDataset:
     """Random-access canonical raw examples of `split`."""

@@ -132,6 +132,10 @@ class _TfdsSplits(Mapping[str, Sequence[dict[str, Any]]]):
           "`tfds build celeb_a --file_format=array_record`") from e
     return records if self.adapt is None else _Mapped(records, self.adapt)
 
+  @property
+  def location(self) -> str:
+    return str(self.builder.data_dir)
+
   def __iter__(self):
     return iter(self.builder.info.splits)
 
