@@ -117,14 +117,16 @@ def flags_parser(default_config: str | None) -> Callable[[list[str]], list[str]]
   return parse
 
 
-def quiet_logging() -> None:
-  """Library log records (absl, Orbax, asyncio) are hidden unless --verbosity was given:
-  a person reads the program's own lines. Call after the libraries are imported."""
-  if flags.FLAGS["verbosity"].present:
+def quiet_logging(verbose: bool = False) -> None:
+  """Library log records (absl, Orbax, asyncio) and tfds progress bars are hidden unless
+  `verbose` (--verbosity given): a person reads the program's own lines."""
+  if verbose:
     return
   absl_logging.set_verbosity(absl_logging.FATAL)
   for name in ("asyncio", "jax", "orbax", "tensorflow_datasets"):
     std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds.display_progress_bar(False)    # the builders print one line instead
 
 
 def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:
@@ -150,7 +152,7 @@ def run(main: Callable[[list[str]], int | None], default_config: str | None = No
 
   def started(argv: list[str]) -> int | None:
     process_setup.initialize_distributed()
-    quiet_logging()
+    quiet_logging(flags.FLAGS["verbosity"].present)
     return main(argv)
 
   app.run(reporting_errors(started), flags_parser=flags_parser(default_config))

@@ -68,18 +68,26 @@ def official_key(path: tuple[str, ...], num_stages: int) -> str:
   return f"{'SR' if branch == 'sr' else 'Heatmap'}_branch{k}.{which}.{_RCAB[sub]}.{suffix}"
 
 
+def torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The official (torch) shape of a parameter of Flax shape `flax_shape`."""
+  if len(flax_shape) == 4:                       # HWIO conv -> OIHW
+    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+  if len(flax_shape) == 2:                       # Dense (I, O) -> 1x1 conv (O, I, 1, 1)
+    return (flax_shape[1], flax_shape[0], 1, 1)
+  return tuple(flax_shape)
+
+
 def torch_to_flax(name: str, value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
-  """Official tensor layout -> Flax layout (OIHW conv -> HWIO; 1x1 conv -> Dense)."""
+  """Official tensor layout -> Flax layout (OIHW conv -> HWIO; 1x1 conv -> Dense). A shape
+  that does not fit is reported in the official layout."""
   value = np.asarray(value, np.float32)
+  if value.shape != torch_shape(flax_shape):
+    raise ValueError(f"{name} has shape {tuple(value.shape)}, the model needs "
+                     f"{torch_shape(flax_shape)}")
   if len(flax_shape) == 4:
-    value = value.transpose(2, 3, 1, 0)
-  elif len(flax_shape) == 2:
-    if value.ndim != 4 or value.shape[2:] != (1, 1):
-      raise ValueError(f"official key {name}: expected a 1x1 conv weight, got shape {value.shape}")
-    value = value[:, :, 0, 0].T
-  if value.shape != tuple(flax_shape):
-    raise ValueError(f"official key {name} has a shape that maps to {value.shape}, the model "
-                     f"needs {tuple(flax_shape)}")
+    return value.transpose(2, 3, 1, 0)
+  if len(flax_shape) == 2:
+    return value[:, :, 0, 0].T
   return value
 
 
@@ -93,47 +101,75 @@ def flax_to_torch(value: Any) -> np.ndarray:
   return value
 
 
-def load_state_dict(source: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Read an official state dict from a mapping, a .pth (needs torch) or an .npz.
+WRAPPERS = ("state_dict", "model", "params", "net", "network")   # keys a state dict is found under
+PREFIXES = ("state_dict/", "module.", "model.")                   # key prefixes that are stripped
 
-  In an .npz holding other arrays too (as the parity fixtures do), only the
-  'state_dict/'-prefixed entries are read. A 'module.' prefix (DataParallel) is removed.
-  """
+
+def unwrap_state_dict(obj: Any, where: str) -> dict[str, np.ndarray]:
+  """The SPADNet state dict inside what official and derived checkpoints hold: a bare
+  state dict, one under 'state_dict', 'model', ... (nested too), keys prefixed 'module.'
+  (DataParallel), 'model.' or 'state_dict/' (a flattened .npz, whose other arrays are
+  ignored). Anything else is refused, naming the top-level keys found."""
+  for _ in range(4):
+    if not isinstance(obj, Mapping):
+      break
+    inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+    if inner is None or any(str(k).endswith("head.1.weight") for k in obj):
+      break
+    obj = inner
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{where} does not hold a state dict (found {type(obj).__name__})")
+  if any(str(k).startswith("state_dict/") for k in obj):     # a flattened .npz with extras
+    obj = {k: v for k, v in obj.items() if str(k).startswith("state_dict/")}
+  sd = {}
+  for key, value in obj.items():
+    if not hasattr(value, "shape"):
+      continue
+    key = str(key)
+    for prefix in PREFIXES:
+      while key.startswith(prefix):
+        key = key[len(prefix):]
+    sd[key] = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+  if "head.1.weight" not in sd:
+    found = sorted(str(k) for k in obj)
+    raise ValueError(f"{where} holds no SPADNet state dict (no 'head.1.weight'); top-level keys: "
+                     f"{found[:12]}{'...' if len(found) > 12 else ''}")
+  return sd
+
+
+def load_state_dict(source: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Read an official state dict from a mapping, a .pth (needs torch) or an .npz, in any
+  of the wrappers unwrap_state_dict accepts."""
   if isinstance(source, Mapping):
-    sd = dict(source)
-  else:
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"state dict {path} does not exist")
-    if path.endswith(".npz"):
+    return unwrap_state_dict(source, "the state dict given")
+  path = os.fspath(source)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"state dict {path} does not exist")
+  if path.endswith(".npz"):
+    try:
       with np.load(path) as data:
-        keys = list(data.files)
-        if any(k.startswith("state_dict/") for k in keys):
-          sd = {k[len("state_dict/"):]: data[k] for k in keys if k.startswith("state_dict/")}
-        else:
-          sd = {k: data[k] for k in keys}
-    else:
-      try:
-        import torch  # pylint: disable=import-outside-toplevel
-      except ImportError as e:
-        raise ImportError(f"reading {path} needs PyTorch (pip install torch); or convert it "
-                          "to an .npz of its state_dict first") from e
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-      if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-      if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
-      sd = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
-  out = {}
-  for k, v in sd.items():
-    out[k[len("module."):] if k.startswith("module.") else k] = np.asarray(v)
-  return out
+        return unwrap_state_dict({k: data[k] for k in data.files}, path)
+    except (OSError, ValueError) as e:
+      if "SPADNet" in str(e):
+        raise
+      raise ValueError(f"{path} cannot be read as an .npz of arrays ({type(e).__name__})") from e
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs PyTorch (pip install torch); or convert it "
+                      "to an .npz of its state_dict first") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # torch raises many types here
+    raise ValueError(f"{path} cannot be read as a PyTorch checkpoint of tensors "
+                     f"({type(e).__name__}); give an official .pth/.pt or an .npz") from e
+  return unwrap_state_dict(obj, path)
 
 
 def infer_model_fields(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """Model fields implied by an official state dict's key names and shapes."""
   if "head.1.weight" not in sd:
-    raise KeyError("official state dict has no 'head.1.weight': is this a SPADNet state dict?")
+    raise ValueError("official state dict has no 'head.1.weight': is this a SPADNet state dict?")
   head = sd["head.1.weight"]
   if head.ndim != 4 or head.shape[1] % 3:
     raise ValueError(f"official key head.1.weight has shape {head.shape}; expected "
@@ -177,21 +213,31 @@ def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = Tr
   model = models.from_config({**inferred, **model_fields})
   abstract = jax.eval_shape(model.init, jax.random.key(0), model.example_input())
   flat = traverse_util.flatten_dict(abstract["params"])
-  params, used = {}, set()
+  params, missing, misshaped = {}, [], []
   for path, leaf in flat.items():
     key = official_key(path, model.num_stages)
     if key not in sd:
-      raise KeyError(f"official state dict has no key {key!r} (needed for Flax parameter "
-                     f"{'/'.join(path)})")
-    params[path] = torch_to_flax(key, sd[key], leaf.shape)
-    used.add(key)
-  unexpected = sorted(set(sd) - used)
+      missing.append(key)
+      continue
+    try:
+      params[path] = torch_to_flax(key, sd[key], leaf.shape)
+    except ValueError as e:
+      misshaped.append(str(e))
+  unexpected = sorted(set(sd) - {official_key(p, model.num_stages) for p in flat})
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing keys: {missing}")
+  if misshaped:
+    problems.append(f"{len(misshaped)} mis-shaped keys: {misshaped}")
+  if unexpected and strict:
+    problems.append(f"{len(unexpected)} keys this model does not use: {unexpected} "
+                    "(pass strict=False / --no_strict to convert anyway)")
+  if problems:
+    raise ValueError(f"official state dict does not fit a SPADNet of {models.to_config(model)}: "
+                     + "; ".join(problems))
   if unexpected:
-    msg = (f"official state dict has {len(unexpected)} keys this model does not use: "
-           f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    if strict:
-      raise ValueError(msg + " (pass strict=False to convert anyway)")
-    print(f"warning: {msg}", file=sys.stderr)
+    print(f"warning: official state dict has {len(unexpected)} keys this model does not use: "
+          f"{unexpected}", file=sys.stderr)
   return model, {"params": traverse_util.unflatten_dict(params)}
 
 
@@ -216,14 +262,30 @@ def save_official_npz(path: str, model: SPADNet, variables: Mapping[str, Any]) -
       np.savez(f, **to_official(model, variables))
 
 
-def main(argv: list[str]) -> int:
-  """Command line: see the module docstring."""
+def _convert(args: Any) -> None:
   from spadnet_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
+    raise FileExistsError(f"output {args.output} already exists; choose a new path "
+                          "(nothing is overwritten)")
+  if args.to_official:
+    model, variables, step = checkpoint.load_model(args.source)
+    save_official_npz(args.output, model, variables)
+    print(f"wrote {args.output} from {args.source} (step {step})")
+    return
+  fields = {} if args.gsac_gate is None else {"gsac_gate": args.gsac_gate}
+  model, variables = from_official(args.source, strict=not args.no_strict, **fields)
+  where = checkpoint.save_inference_checkpoint(args.output, model, variables, step=0)
+  print(f"wrote {where}: {models.to_config(model)}")
+
+
+def main(argv: list[str]) -> int:
+  """Command line: see the module docstring. A mistake is one `error:` line, exit 1."""
   import argparse  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog="python -m spadnet_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("source", help="official .pth/.npz state dict, or with --to_official a "
-                      "spadnet-jax checkpoint directory")
+  parser.add_argument("source", help="official .pth/.npz state dict (bare, or under "
+                      "'state_dict'/'model', 'module.' prefixes allowed), or with "
+                      "--to_official a spadnet-jax checkpoint directory")
   parser.add_argument("output", help="checkpoint directory to create, or with --to_official "
                       "the .npz to write")
   parser.add_argument("--to_official", action="store_true",
@@ -231,16 +293,17 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--gsac_gate", default=None, choices=("official", "channel"))
   parser.add_argument("--no_strict", action="store_true",
                       help="convert even when the state dict has keys the model does not use")
+  parser.add_argument("--verbosity", type=int, default=0, help="1: tracebacks on errors")
   args = parser.parse_args(argv)
-  if args.to_official:
-    model, variables, step = checkpoint.load_model(args.source)
-    save_official_npz(args.output, model, variables)
-    print(f"wrote {args.output} from {args.source} (step {step})")
-    return 0
-  fields = {} if args.gsac_gate is None else {"gsac_gate": args.gsac_gate}
-  model, variables = from_official(args.source, strict=not args.no_strict, **fields)
-  where = checkpoint.save_inference_checkpoint(args.output, model, variables, step=0)
-  print(f"wrote {where}: {models.to_config(model)}")
+  from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_logging(args.verbosity >= 1)
+  try:
+    _convert(args)
+  except (ValueError, OSError, ImportError) as e:
+    if args.verbosity >= 1:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

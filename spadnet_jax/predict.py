@@ -139,10 +139,15 @@ def main(argv: list[str]) -> int:
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--lr_kernel", default="pil", choices=sorted(degrade.KERNELS),
                  help="the LR synthesis the model was trained with (config.data.lr_kernel)")
+  p.add_argument("--verbosity", type=int, default=0, help="1: tracebacks and library logs")
   a = p.parse_args(argv)
+  from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_logging(a.verbosity >= 1)
   try:
     return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel) else 0
   except (ValueError, OSError) as e:
+    if a.verbosity >= 1:
+      raise
     print(f"error: {e}", file=sys.stderr)
     return 1
 

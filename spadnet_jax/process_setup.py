@@ -72,11 +72,21 @@ def release_host_memory() -> None:
     pass
 
 
+def quiet_native_logs(argv: Sequence[str]) -> None:
+  """Hide TensorFlow's C++ start-up notices (oneDNN and the like; TensorBoard writing
+  imports TensorFlow) unless the command line asks for --verbosity or the user set
+  TF_CPP_MIN_LOG_LEVEL."""
+  if not any(a.startswith(("--verbosity", "-v=")) for a in argv):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def prepare() -> None:
   """A program's process set-up before JAX starts: restart with the malloc tunables (once),
-  then the XLA:CPU flags. Only from a program's own `if __name__ == "__main__":` block."""
+  then the XLA:CPU flags and quiet native logs. Only from a program's own
+  `if __name__ == "__main__":` block."""
   restart_with_malloc_tunables()
   configure_xla_cpu()
+  quiet_native_logs(sys.argv)
 
 
 # --- multi-host start-up ---------------------------------------------------------------------

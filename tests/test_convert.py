@@ -46,29 +46,42 @@ def test_variant_round_trip_without_heatmap_branch():
   jax.tree_util.tree_map(np.testing.assert_array_equal, variables, variables2)
 
 
-def test_missing_key_is_named(official):
+def test_missing_misshaped_and_unexpected_keys_are_all_named_at_once(official, capsys):
   _, sd, _ = official
-  sd = dict(sd)
-  del sd["hab_branch3.0.pacconv1.weight"]
-  with pytest.raises(KeyError, match=r"no key 'hab_branch3.0.pacconv1.weight'.*stage2_hab0/lsac/kernel"):
+  sd = {**sd, "extra.weight": np.zeros(3), "SR_branch2.1.body.2.weight": np.zeros((64, 32, 3, 3)),
+        "SR_branch2.1.body.3.conv_du.0.weight": np.zeros((4, 64))}
+  del sd["hab_branch3.0.pacconv1.weight"], sd["hab_branch3.0.pacconv1.bias"]
+  with pytest.raises(ValueError) as e:
     convert.from_official(sd)
-
-
-def test_misshaped_key_is_named(official):
-  _, sd, _ = official
-  sd = dict(sd)
-  sd["SR_branch2.1.body.2.weight"] = np.zeros((64, 32, 3, 3), np.float32)
-  with pytest.raises(ValueError, match=r"SR_branch2.1.body.2.weight has a shape"):
-    convert.from_official(sd)
-
-
-def test_unexpected_keys_are_reported(official, capsys):
-  _, sd, _ = official
-  sd = {**sd, "extra.weight": np.zeros(3)}
-  with pytest.raises(ValueError, match=r"1 keys this model does not use: \['extra.weight'\]"):
-    convert.from_official(sd)
+  msg = str(e.value)
+  assert "2 missing keys: ['hab_branch3.0.pacconv1.bias', 'hab_branch3.0.pacconv1.weight']" in msg
+  # Shapes in the official (torch) layout the user has: OIHW, 1x1 convs as (O, I, 1, 1).
+  assert ("2 mis-shaped keys: ['SR_branch2.1.body.3.conv_du.0.weight has shape (4, 64), the model "
+          "needs (4, 64, 1, 1)', 'SR_branch2.1.body.2.weight has shape (64, 32, 3, 3), the "
+          "model needs (64, 64, 3, 3)']") in msg
+  assert "1 keys this model does not use: ['extra.weight']" in msg
+  sd = {**official[1], "extra.weight": np.zeros(3)}
   convert.from_official(sd, strict=False)
   assert "extra.weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: sd,
+    lambda sd: {"state_dict": sd, "epoch": 3},
+    lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}},
+    lambda sd: {f"state_dict/{k}": v for k, v in sd.items()},
+])
+def test_wrappers_official_and_derived_checkpoints_come_in(official, wrap):
+  _, sd, _ = official
+  _, variables = convert.from_official(wrap(dict(sd)))
+  np.testing.assert_array_equal(convert.to_official(convert.from_official(sd)[0], variables)["head.1.weight"],
+                                sd["head.1.weight"])
+
+
+def test_something_else_names_the_keys_it_found(official):
+  with pytest.raises(ValueError, match=r"holds no SPADNet state dict \(no 'head.1.weight'\); "
+                     r"top-level keys: \['epoch', 'weights'\]"):
+    convert.from_official({"epoch": 1, "weights": {"conv.weight": np.zeros(3)}})
 
 
 def test_contradicting_field_is_an_error(official):
@@ -115,7 +128,16 @@ def test_cli_npz_to_orbax_and_back(official, tmp_path):
   assert set(back.files) == set(sd)
   np.testing.assert_array_equal(back["head.1.weight"], sd["head.1.weight"])
   r = _cli("--to_official", str(out), str(tmp_path / "back.npz"))
-  assert r.returncode != 0 and "already exists" in r.stderr
+  assert r.returncode == 1 and r.stderr.strip() == (f"error: output {tmp_path / 'back.npz'} already "
+                                                    "exists; choose a new path (nothing is overwritten)")
+  r = _cli(str(path), str(out))                             # an existing checkpoint folder
+  assert r.returncode == 1 and r.stderr.startswith(f"error: output {out} already exists"), r.stderr
+  png = tmp_path / "face.png"
+  png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+  r = _cli(str(png), str(tmp_path / "from_png"))
+  assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith(f"error: {png} cannot be read as a PyTorch checkpoint"), r.stderr
+  assert "weights_only" not in r.stderr
 
 
 def test_pth_needs_torch_or_reads_it(official, tmp_path):

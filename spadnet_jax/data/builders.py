@@ -27,6 +27,17 @@ def _features() -> tfds.features.FeaturesDict:
   })
 
 
+class _PreparedOnce:
+  """One line when a data set is built (in place of tfds's sizes banner), none when done."""
+
+  def _log_download_bytes(self) -> None:
+    print(f"preparing data set {self.name}/{self.builder_config.name} in {self.data_dir} "
+          "(once; later runs reuse it)", flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
+
 class SyntheticFacesConfig(tfds.core.BuilderConfig):
   """How many faces each split holds."""
 
@@ -36,7 +47,7 @@ class SyntheticFacesConfig(tfds.core.BuilderConfig):
     self.num_test = num_test
 
 
-class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
+class SyntheticFaces(_PreparedOnce, tfds.core.GeneratorBasedBuilder):
   """Procedurally drawn 128x128 faces with exact 68-point landmarks (no download)."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -128,7 +139,7 @@ def load_face(path: str, entry: Any) -> tuple[np.ndarray, np.ndarray, str]:
   return np.asarray(image, np.uint8), points, mode
 
 
-class FaceFolder(tfds.core.GeneratorBasedBuilder):
+class FaceFolder(_PreparedOnce, tfds.core.GeneratorBasedBuilder):
   """CelebA or Helen prepared as in DIC / the official SPADNet loader (see README)."""
 
   VERSION = tfds.core.Version("1.0.0")
