@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.sr_l1 = 1.0                # L1 of the SR image (the paper's)
   c.loss.heatmap_l1 = 1.0           # L1 of the heatmaps (the paper's)
   c.loss.heatmap_l2 = 0.0           # squared error of the heatmaps (DIC's)
+  c.loss.heatmap_peak_l2 = 0.0      # squared error weighted towards the landmarks' peaks
   c.heatmap_loss_weight = 1.0       # scales every heatmap_* term (older configurations' field)
 
   c.optimizer = ml_collections.ConfigDict()

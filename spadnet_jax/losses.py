@@ -46,6 +46,20 @@ def heatmap_l2(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> ja
   return jnp.mean(jnp.square(outputs["heatmap"] - batch["heatmap"]))
 
 
+PEAK_WEIGHT = 20.0
+
+
+@register("heatmap_peak_l2")
+def heatmap_peak_l2(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Squared error of the heatmaps with each pixel weighted 1 + PEAK_WEIGHT * target: the
+  few pixels near a landmark count as much as the mostly-zero background, so the branch
+  learns peaks early instead of sitting at the all-zero prediction. 0 without the branch."""
+  if outputs["heatmap"] is None:
+    return jnp.zeros(())
+  target = batch["heatmap"]
+  return jnp.mean((1.0 + PEAK_WEIGHT * target) * jnp.square(outputs["heatmap"] - target))
+
+
 def weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
   """The terms a training configuration uses and their weights (zero weights dropped).
 
