@@ -45,7 +45,7 @@ def test_three_registered_variants_train_through_the_trainer(tmp_path, capsys):
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   out = capsys.readouterr().out
   # The loss term is computed, weighted and logged under its own name.
-  line = re.search(r"^step 2/2 loss ([0-9.]+) \(heatmap_l1 ([0-9.]+), sr_l1 ([0-9.]+), "
+  line = re.search(r"^step 2/2 loss ([0-9.]+) \(heatmap_peak_l2 ([0-9.]+), sr_l1 ([0-9.]+), "
                    r"test_edge_l1 ([0-9.]+)\)", out, re.M)
   assert line, out
   total, hm, sr, edge = map(float, line.groups())

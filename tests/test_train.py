@@ -32,7 +32,11 @@ def test_train_writes_metrics_and_checkpoints(tmp_path, data_dir, capsys):
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   out = capsys.readouterr().out
   assert "steps/s" in out and "ETA" in out and "| PSNR (Y) |" in out
-  assert re.search(r"^step 4/4 loss [0-9.]+ \(heatmap_l1 [0-9.]+, sr_l1 [0-9.]+\) \|", out, re.M)
+  # Each loss term on the progress line.
+  assert re.search(r"^step 4/4 loss [0-9.]+ \(heatmap_peak_l2 [0-9.]+, sr_l1 [0-9.]+\) \|", out, re.M)
+  assert "validation at step 2 (8 images): PSNR-Y" in out and "NME" in out
+  assert (tmp_path / "grids" / "step_000004.png").is_file()
+  assert f"comparison grid (LR | bicubic | SR | HR | heatmap): {tmp_path}/grids/step_000004.png" in out
   metrics = json.loads((tmp_path / "metrics.json").read_text())
   for key in ("psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y", "nme", "images_per_s"):
     assert np.isfinite(metrics[key]), key
@@ -41,6 +45,14 @@ def test_train_writes_metrics_and_checkpoints(tmp_path, data_dir, capsys):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
   variables, step = _params(str(tmp_path))
   assert step == 4 and np.isfinite(np.asarray(variables["params"]["head"]["kernel"])).all()
+
+
+def test_the_default_heatmap_loss_term_falls(tmp_path, data_dir, capsys):
+  trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=16, log_every=8,
+                                         checkpoint_every=16, num_eval_images=8), str(tmp_path))
+  terms = [float(h) for h in re.findall(r"^step \d+/16 loss [0-9.]+ \(heatmap_peak_l2 ([0-9.]+),",
+                                        capsys.readouterr().out, re.M)]
+  assert len(terms) == 2 and terms[1] < 0.7 * terms[0], terms     # means over steps 1-8, 9-16
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, data_dir):
