@@ -3,6 +3,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -12,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from spadnet_jax import checkpoint, trainer
+from tests.conftest import REPO
 from tests.train_helpers import losses, run_train, tiny_config
 
 
@@ -42,7 +45,12 @@ def test_train_writes_metrics_and_checkpoints(tmp_path, data_dir, capsys):
     assert np.isfinite(metrics[key]), key
   assert metrics["num_images"] == 20 and summary["step"] == 4
   assert checkpoint.steps(str(tmp_path / "checkpoints")) == [4, 2]
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+  events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+  assert events
+  written = b"".join((tmp_path / f).read_bytes() for f in events)
+  for tag in (b"train_loss_heatmap_peak_l2", b"train_loss_sr_l1", b"eval_nme", b"test_psnr_y",
+              b"test_table", b"| PSNR (Y) |"):
+    assert tag in written, tag                          # the final table reaches TensorBoard
   variables, step = _params(str(tmp_path))
   assert step == 4 and np.isfinite(np.asarray(variables["params"]["head"]["kernel"])).all()
 
@@ -224,6 +232,21 @@ def test_rerunning_a_finished_run_evaluates_without_compiling_the_train_step(
   summary = trainer.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), str(tmp_path))
   assert "training already finished at step 2" in capsys.readouterr().out
   assert summary["step"] == 2 and np.isfinite(summary["psnr_y"])
+
+
+def test_help_lists_flags_and_every_config_field_and_exits_0():
+  r = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True,
+                     text=True, timeout=120, env={**os.environ, "SPADNET_NO_RESTART": "1"})
+  assert r.returncode == 0 and r.stderr == "", r.stderr
+  lines = r.stdout.splitlines()
+  assert "--workdir: Checkpoints, TensorBoard events and metrics.json." in r.stdout
+  assert any(l.strip().startswith("--coordinator_address: host:port of process 0.") for l in lines)
+  assert re.search(r"^  model\.n_feats = 16 +feature channels \(the paper: 64\)$", r.stdout, re.M)
+  assert re.search(r"^  loss\.heatmap_peak_l2 = 1\.0 +squared error weighted", r.stdout, re.M)
+  rows = [l for l in lines if re.match(r"^  [a-z_.0-9]+ = ", l)]
+  fields = [l.split(" = ")[0].strip() for l in rows]
+  assert len(fields) == len(set(fields)) >= 50 and "optimizer.learning_rate" in fields
+  assert all(re.match(r"^  \S+ = .*\S  +\S", l) for l in rows), [l for l in rows if "  " not in l[2:]]
 
 
 @pytest.mark.parametrize("flag,message", [
