@@ -150,6 +150,15 @@ def grid_path(workdir: str, step: int) -> str:
   return os.path.join(workdir, "grids", f"step_{step:06d}.png")
 
 
+def _save_grid(path: str, grid: Any, report: Callable[[str], None]) -> None:
+  """Write a comparison grid; a grid that cannot be written (a full disk) is reported and
+  training goes on: the checkpoint that follows says what to do."""
+  try:
+    visualize.save_png(path, grid)
+  except OSError as e:
+    report(f"could not write the comparison grid {path}: {e.strerror or e}")
+
+
 def validation_line(step: int, s: dict[str, float]) -> str:
   """The one line a periodic validation prints."""
   return (f"validation at step {step} ({s['num_images']} images): PSNR-Y {s['psnr_y']:.2f} dB "
@@ -216,7 +225,7 @@ def _loop(cfg, train_step, iterator, mesh, state, step, num_steps, steps_per_epo
           grid = visualize.image_grid(result["images"])
           writer.write_images(step, {"eval_lr_bicubic_sr_hr_heatmap": grid})
           if is_main:
-            visualize.save_png(grid_path(workdir, step), grid[0])
+            _save_grid(grid_path(workdir, step), grid[0], report)
       if evaluated is not None or step % cfg.checkpoint_every == 0 or step == num_steps:
         saver.save(state, step, examples_seen,
                    None if evaluated is None else {"psnr_y": evaluated["psnr_y"]})
