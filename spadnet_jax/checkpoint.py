@@ -20,13 +20,12 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from spadnet_jax import files, models
+from spadnet_jax import files, models, train_step
 from spadnet_jax.models import SPADNet
 
 Report = Callable[[str], None]
@@ -224,16 +223,12 @@ def _train_item(state: Any) -> dict[str, Any]:
   return train
 
 
-def _inference_item(state: Any) -> Any:
-  return state.params if state.ema_params is None else state.ema_params
-
-
 def save_train(mngr: ocp.CheckpointManager, step: int, model: SPADNet, state: Any,
                position: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
   """Start saving a training state (asynchronously where the manager is async)."""
   mngr.save(step, args=ocp.args.Composite(
       model=ocp.args.JsonSave(models.to_config(model)),
-      params=ocp.args.StandardSave({"params": _inference_item(state)}),
+      params=ocp.args.StandardSave({"params": train_step.inference_params(state)}),
       train=ocp.args.StandardSave(_train_item(state)),
       position=ocp.args.JsonSave(position)), metrics=metrics, force=True)
 
@@ -242,7 +237,7 @@ def restore_train(mngr: ocp.CheckpointManager, step: int,
                   abstract: Any) -> tuple[Any, dict[str, Any] | None]:
   """Restore a training state onto the shardings carried by the abstract state (any mesh,
   device or process count). The position is None for steps written before it was kept."""
-  args = dict(params=ocp.args.StandardRestore({"params": _inference_item(abstract)}),
+  args = dict(params=ocp.args.StandardRestore({"params": train_step.inference_params(abstract)}),
               train=ocp.args.StandardRestore(_train_item(abstract)))
   has_position = os.path.isdir(os.path.join(_step_dir(str(mngr.directory), step), "position"))
   if has_position:
@@ -283,8 +278,8 @@ def _set_aside_newer(directory: str, restored: int, report: Report) -> None:
     report(f"moved checkpoint step {s} to {target}: training goes on from step {restored}")
 
 
-def resume(directory: str, step: int | None, abstract: Any, all_finite: Callable[[Any], jax.Array],
-           report: Report, is_main: bool) -> tuple[Any, dict[str, Any] | None] | None:
+def resume(directory: str, step: int | None, abstract: Any, report: Report,
+           is_main: bool) -> tuple[Any, dict[str, Any] | None] | None:
   """Restore the newest intact training step (or `step`): verified checksums, finite values.
 
   Steps newer than the one restored (damaged ones, or all newer ones when `step` is
@@ -303,7 +298,7 @@ def resume(directory: str, step: int | None, abstract: Any, all_finite: Callable
   def restore(s: int) -> tuple[Any, dict[str, Any] | None]:
     with manager(directory, read_only=True) as mngr:
       state, position = restore_train(mngr, s, abstract)
-    if not bool(jax.device_get(jax.jit(all_finite)(state))):
+    if not bool(jax.device_get(jax.jit(train_step.all_finite)(state))):
       raise DamagedCheckpoint(f"checkpoint step {s} in {directory} holds non-finite values")
     return state, position
 

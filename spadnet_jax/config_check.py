@@ -41,9 +41,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"config.{name}={v!r} must be an integer >= 1")
   for name in NON_NEGATIVE:
-    v = get_field(cfg, name)
-    if not _is_number(v) or not math.isfinite(v) or v < 0:
-      raise ValueError(f"config.{name}={v!r} must be a finite number >= 0")
+    non_negative_finite(name, get_field(cfg, name))
   if not isinstance(cfg.num_train_steps, int):
     raise ValueError(f"config.num_train_steps={cfg.num_train_steps!r} must be an integer")
   if cfg.num_train_steps <= 0 and cfg.num_epochs <= 0:
@@ -67,16 +65,20 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     v = o[name]
     if not _is_number(v) or not 0.0 <= v < 1.0:
       raise ValueError(f"config.optimizer.{name}={v!r} must be in [0, 1)")
-  for name, v in (("optimizer.grad_clip", o.grad_clip),
-                  ("heatmap_loss_weight", cfg.heatmap_loss_weight)):
-    if not _is_number(v) or not math.isfinite(v) or v < 0:
-      raise ValueError(f"config.{name}={v!r} must be a finite number >= 0")
+  non_negative_finite("optimizer.grad_clip", o.grad_clip)
+  non_negative_finite("heatmap_loss_weight", cfg.heatmap_loss_weight)
   for e in o.decay_epochs:
     if not _is_number(e) or not math.isfinite(e) or e < 0:
       raise ValueError(f"config.optimizer.decay_epochs holds {e!r}; epochs must be finite and >= 0")
   f = cfg.max_skipped_fraction
   if not _is_number(f) or not 0.0 <= f <= 1.0:
     raise ValueError(f"config.max_skipped_fraction={f!r} must be in [0, 1]")
+
+
+def non_negative_finite(name: str, v: Any) -> None:
+  """ValueError unless config field `name` holds a finite number >= 0."""
+  if not _is_number(v) or not math.isfinite(v) or v < 0:
+    raise ValueError(f"config.{name}={v!r} must be a finite number >= 0")
 
 
 def _positive_finite(name: str, v: Any) -> None:

@@ -28,6 +28,7 @@ _HAB = {"conv_sr": "conv1_SR", "conv_guide": "conv1_heatmap", "gsac": "conv2_hea
 _LEAF = {"kernel": "weight", "bias": "bias"}
 # The PAC kernels the official PacConv2d knows, and the names of their learnable scalars there.
 OFFICIAL_PAC_KERNELS = {"gaussian": {}, "inverse": {"inv_alpha": "inv_alpha", "inv_lambda": "inv_lambda"}}
+_OFFICIAL_SCALARS = {k: v for names in OFFICIAL_PAC_KERNELS.values() for k, v in names.items()}
 
 
 def _leaf_name(path: tuple[str, ...]) -> str:
@@ -36,11 +37,10 @@ def _leaf_name(path: tuple[str, ...]) -> str:
   leaf = path[-1]
   if leaf in _LEAF:
     return _LEAF[leaf]
-  official = {k: v for names in OFFICIAL_PAC_KERNELS.values() for k, v in names.items()}
-  if path[-2:-1] == ("lsac",) and leaf in official:
-    return official[leaf]
+  if path[-2:-1] == ("lsac",) and leaf in _OFFICIAL_SCALARS:
+    return _OFFICIAL_SCALARS[leaf]
   raise ValueError(f"parameter {'/'.join(path)} has no counterpart in the official model (its PAC "
-                   f"kernels are {sorted(OFFICIAL_PAC_KERNELS)} with scalars {sorted(official)})")
+                   f"kernels are {sorted(OFFICIAL_PAC_KERNELS)} with scalars {sorted(_OFFICIAL_SCALARS)})")
 
 
 def _branch_offset(num_stages: int) -> int:
@@ -213,9 +213,10 @@ def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = Tr
   model = models.from_config({**inferred, **model_fields})
   abstract = jax.eval_shape(model.init, jax.random.key(0), model.example_input())
   flat = traverse_util.flatten_dict(abstract["params"])
+  keys = {path: official_key(path, model.num_stages) for path in flat}
   params, missing, misshaped = {}, [], []
   for path, leaf in flat.items():
-    key = official_key(path, model.num_stages)
+    key = keys[path]
     if key not in sd:
       missing.append(key)
       continue
@@ -223,7 +224,7 @@ def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = Tr
       params[path] = torch_to_flax(key, sd[key], leaf.shape)
     except ValueError as e:
       misshaped.append(str(e))
-  unexpected = sorted(set(sd) - {official_key(p, model.num_stages) for p in flat})
+  unexpected = sorted(set(sd) - set(keys.values()))
   problems = []
   if missing:
     problems.append(f"{len(missing)} missing keys: {missing}")

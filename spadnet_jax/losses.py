@@ -6,13 +6,13 @@ trainer logs each term with a non-zero weight as train_loss_<name>.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from spadnet_jax import config_check
 from spadnet_jax.registry import Registry
 
 LossFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array]], jax.Array]
@@ -73,8 +73,7 @@ def weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     if name not in LOSSES:
       raise ValueError(f"config.loss.{name}: no loss term named {name!r} is registered; "
                        f"registered: {sorted(LOSSES)}")
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-      raise ValueError(f"config.loss.{name}={w!r} must be a finite number >= 0")
+    config_check.non_negative_finite(f"loss.{name}", w)
     w = float(w) * (legacy if name.startswith("heatmap_") else 1.0)
     if w > 0:
       out[name] = w

@@ -103,4 +103,5 @@ def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
 
 
 def inference_params(state: TrainState) -> Any:
+  """The parameters evaluation and checkpoints serve: the EMA weights when kept."""
   return state.ema_params if state.ema_params is not None else state.params

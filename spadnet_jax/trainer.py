@@ -17,8 +17,8 @@ from spadnet_jax import (checkpoint, config_check, evaluation, files, losses, me
                          preemption, process_setup, sharding, visualize)
 from spadnet_jax.data import contract, pipeline, sources
 from spadnet_jax.models import SCALES, SPADNet
-from spadnet_jax.train_step import (TrainState, all_finite, inference_params, init_state,
-                                    make_optimizer, make_train_step)
+from spadnet_jax.train_step import (TrainState, inference_params, init_state, make_optimizer,
+                                    make_train_step)
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> SPADNet:
@@ -86,7 +86,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  resumed = checkpoint.resume(ckpt_dir, resume_step, abstract, all_finite, report, is_main)
+  resumed = checkpoint.resume(ckpt_dir, resume_step, abstract, report, is_main)
   if resumed is not None:
     state, position = resumed
     step = int(jax.device_get(state.step))

@@ -3,7 +3,6 @@ kernel and a new data source, each one registered function plus one config line,
 together for two steps through train_and_evaluate."""
 import csv
 import json
-import os
 import re
 
 import jax.numpy as jnp

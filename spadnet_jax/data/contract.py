@@ -17,7 +17,6 @@ from spadnet_jax.data import landmarks
 
 HR_SIZE = 128
 HEATMAP_CHANNELS = len(landmarks.GROUPS)
-IMAGE_KEYS = ("hr", "lr", "lr_up", "heatmap")
 
 
 def lr_size(scale: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
-import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
