@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, DEFAULT_CONFIG)
+  cli.run(main, DEFAULT_CONFIG, preemptible=True)

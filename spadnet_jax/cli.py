@@ -145,10 +145,15 @@ def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[
   return wrapped
 
 
-def run(main: Callable[[list[str]], int | None], default_config: str | None = None) -> None:
+def run(main: Callable[[list[str]], int | None], default_config: str | None = None,
+        preemptible: bool = False) -> None:
   """A program's whole `if __name__ == "__main__":` body: process set-up (before JAX
-  starts), flags, jax.distributed where asked for, quiet logs, errors as one line."""
+  starts), flags, jax.distributed where asked for, quiet logs, errors as one line.
+  `preemptible` (train.py): a SIGTERM from here on is a stop request (preemption.EarlySignal)."""
   process_setup.prepare()
+  if preemptible:
+    from spadnet_jax import preemption  # pylint: disable=import-outside-toplevel  # imports JAX
+    preemption.EarlySignal.install()
 
   def started(argv: list[str]) -> int | None:
     process_setup.initialize_distributed()

@@ -18,11 +18,34 @@ from jax.experimental import multihost_utils
 EXIT_CODE = 75        # EX_TEMPFAIL: the run was preempted, rerun the same command to resume
 
 
+class EarlySignal:
+  """A SIGTERM handler for a training program's start-up (imports, jax.distributed,
+  reading the config): the signal is remembered, and the StopRequest entered later takes
+  it over, so a run preempted while starting exits as preempted instead of dying by signal."""
+
+  def __init__(self):
+    self.received = False
+    self.previous: Any = signal.SIG_DFL
+
+  def __call__(self, signum, frame) -> None:
+    del signum, frame
+    self.received = True
+
+  @classmethod
+  def install(cls) -> "EarlySignal":
+    """Install a new EarlySignal as the SIGTERM handler (main thread only)."""
+    handler = cls()
+    if threading.current_thread() is threading.main_thread():
+      handler.previous = signal.signal(signal.SIGTERM, handler)
+    return handler
+
+
 class StopRequest:
   """A context manager turning SIGTERM into a flag; `agreed(step)` is the collective check.
 
   Enter it after jax.distributed.initialize: its Python handler then replaces the one the
-  coordination service installs, whose preemption sync point is still consulted.
+  coordination service installs, whose preemption sync point is still consulted. A signal
+  an EarlySignal handler received before counts as a request.
   """
 
   def __init__(self, sync_every: int = 1, reached_sync_point: Callable[[int], bool] | None = None):
@@ -34,6 +57,9 @@ class StopRequest:
   def __enter__(self) -> "StopRequest":
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+      if isinstance(self._previous, EarlySignal):
+        self.requested = self._previous.received
+        self._previous = self._previous.previous
       # Restart interrupted system calls: a collective's socket I/O must not see EINTR.
       signal.siginterrupt(signal.SIGTERM, False)
     return self
@@ -48,10 +74,11 @@ class StopRequest:
     if self._previous is not None and not self.requested:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self, step: int, pending: Any = None) -> bool:
+  def agreed(self, step: int, pending: Any = None, sync: bool = False) -> bool:
     """Whether every process stops after `step`: the same answer on every process.
 
-    Call it after every step. The flags are gathered every `sync_every` steps; `pending`
+    Call it after every step. The flags are gathered every `sync_every` steps, or now when
+    `sync` (every process must then pass it at the same point); `pending`
     (e.g. the train state) is waited for first, so that the flags' collective never runs
     while another program's collectives are in flight. The coordination service's sync
     point (checked every step, as it requires) is the same on every process too.
@@ -59,7 +86,7 @@ class StopRequest:
     stop = self.reached_sync_point is not None and self.reached_sync_point(step)
     if jax.process_count() == 1:
       stop = stop or self.requested
-    elif step % self.sync_every == 0:
+    elif sync or step % self.sync_every == 0:
       jax.block_until_ready(pending)
       flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
       stop = stop or bool(np.any(flags))

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import optax
 from clu import metric_writers, periodic_actions
 
 from spadnet_jax import (checkpoint, config_check, evaluation, files, losses, metrics, models,
@@ -56,6 +57,39 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     return _train(cfg, workdir, mesh, model, loss_terms, step, stop)
 
 
+def state_layout(cfg: ml_collections.ConfigDict, model: SPADNet, tx: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+  """The train state as ShapeDtypeStructs carrying their shardings, and those shardings:
+  parameters and optimizer state by config.partition_rules over `mesh` (any device set,
+  abstract TPU devices included), counters replicated. What resume restores onto and what
+  the train step compiles for."""
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, ema=cfg.optimizer.ema_decay > 0),
+                            jax.random.key(cfg.seed))
+  tree = lambda t: None if t is None else sharding.tree_shardings(t, mesh, cfg.partition_rules)
+  shardings = TrainState(step=sharding.replicated(mesh), params=tree(abstract.params),
+                         opt_state=tree(abstract.opt_state), ema_params=tree(abstract.ema_params),
+                         nonfinite=sharding.replicated(mesh),
+                         first_nonfinite=sharding.replicated(mesh))
+  abstract = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings
+
+
+def lower_train_step(cfg: ml_collections.ConfigDict, model: SPADNet,
+                     tx: optax.GradientTransformation, schedule: optax.Schedule,
+                     loss_terms: dict[str, float], mesh: jax.sharding.Mesh, abstract: TrainState,
+                     state_shardings: TrainState) -> jax.stages.Lowered:
+  """The train step jitted over `mesh` (state donated, batch split over both mesh axes)
+  and lowered for a global batch of config.batch_size; .compile() gives the executable."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(
+      make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0).lower(abstract, contract.batch_spec(cfg.batch_size, model.scale,
+                                                            batch_sharding))
+
+
 def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
            model: SPADNet, loss_terms: dict[str, float], resume_step: int | None,
            stop: preemption.StopRequest) -> dict[str, Any]:
@@ -73,17 +107,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   num_steps = cfg.num_train_steps if cfg.num_train_steps > 0 else int(cfg.num_epochs * steps_per_epoch)
   tx, schedule = make_optimizer(cfg, steps_per_epoch)
 
-  rng = jax.random.key(cfg.seed)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, ema=cfg.optimizer.ema_decay > 0), rng)
-  state_shardings = TrainState(
-      step=sharding.replicated(mesh),
-      params=sharding.tree_shardings(abstract.params, mesh, cfg.partition_rules),
-      opt_state=sharding.tree_shardings(abstract.opt_state, mesh, cfg.partition_rules),
-      ema_params=(None if abstract.ema_params is None else
-                  sharding.tree_shardings(abstract.ema_params, mesh, cfg.partition_rules)),
-      nonfinite=sharding.replicated(mesh), first_nonfinite=sharding.replicated(mesh))
-  abstract = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+  abstract, state_shardings = state_layout(cfg, model, tx, mesh)
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
   resumed = checkpoint.resume(ckpt_dir, resume_step, abstract, report, is_main)
@@ -94,36 +118,39 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     report(f"resumed from step {step}")
   else:
     state = jax.jit(functools.partial(init_state, model, tx, ema=cfg.optimizer.ema_decay > 0),
-                    out_shardings=state_shardings)(rng)
+                    out_shardings=state_shardings)(jax.random.key(cfg.seed))
     step, examples_seen = 0, 0
 
-  params_sharding = {"params": state_shardings.ema_params if state_shardings.ema_params is not None
-                     else state_shardings.params}
   evaluator = evaluation.Evaluator(model, data, cfg.data.eval_split, mesh, cfg.eval_batch_size,
                                    limit=cfg.num_eval_images, score=cfg.metric_score,
-                                   variables_sharding=params_sharding)
+                                   variables_sharding={"params": inference_params(state_shardings)})
   saver = checkpoint.TrainSaver(ckpt_dir, model, cfg.batch_size, keep=cfg.keep_checkpoints,
                                 async_save=cfg.async_checkpoints,
                                 stop_on_nonfinite=cfg.nonfinite == "stop", is_main=is_main)
   stop.reached_sync_point = saver.reached_preemption
-  preempted = False
+  preempted, start_step = False, step
   try:
     if step >= num_steps:
       report(f"training already finished at step {step} (num_train_steps {num_steps}); "
              "evaluating the final checkpoint")
-    else:
-      iterator = iter(pipeline.train_dataset(data, model.scale, cfg.batch_size, cfg.seed,
-                                             start=examples_seen))
+    # A stop requested while starting or compiling is agreed on before the first step:
+    # nothing new to save, and no compile or step is spent on a preempted machine.
+    elif not (preempted := stop.agreed(step, pending=state, sync=True)):
       train_step = _compile_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract,
                                        state_shardings, report)
-      state, step, preempted = _loop(cfg, train_step, iterator, mesh, state, step, num_steps,
-                                     steps_per_epoch, examples_seen, evaluator, writer, saver,
-                                     stop, is_main, workdir, report)
+      if not (preempted := stop.agreed(step, sync=True)):
+        iterator = iter(pipeline.train_dataset(data, model.scale, cfg.batch_size, cfg.seed,
+                                               start=examples_seen))
+        state, step, preempted = _loop(cfg, train_step, iterator, mesh, state, step, num_steps,
+                                       steps_per_epoch, examples_seen, evaluator, writer, saver,
+                                       stop, is_main, workdir, report)
     saver.seal_saved()
   finally:
     saver.close()
   if preempted:
-    report(f"preempted: saved a checkpoint at step {step}; rerun the same command to resume "
+    done = (f"saved a checkpoint at step {step}" if step > start_step else
+            f"stopped before training step {step + 1}, with nothing new to save")
+    report(f"preempted: {done}; rerun the same command to resume "
            f"(exit status {preemption.EXIT_CODE})")
     return {"preempted_at": step}
 
@@ -168,13 +195,9 @@ def validation_line(step: int, s: dict[str, float]) -> str:
 
 def _compile_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract, state_shardings,
                         report) -> Callable:
-  batch_spec = contract.batch_spec(cfg.batch_size, model.scale, sharding.batch_sharding(mesh))
   start = time.perf_counter()
-  train_step = jax.jit(
-      make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0).lower(abstract, batch_spec).compile()
+  train_step = lower_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract,
+                                state_shardings).compile()
   process_setup.release_host_memory()
   report(f"compiled the train step in {time.perf_counter() - start:.1f} s")
   return train_step

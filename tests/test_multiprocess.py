@@ -61,10 +61,11 @@ def test_fresh_data_dir_and_resume_across_process_counts(tmp_path, data_dir):
 
 
 def test_sigterm_to_one_process_then_another_stops_all_at_one_step(tmp_path, data_dir):
-  # Process 1 alone is signalled first (the others learn of it at the next sync point);
-  # process 0 gets its own signal seconds later, possibly while stopping.
+  # Process 1 alone is signalled first, as the asynchronous save of step 2 starts (the
+  # others learn of it at the next sync point); process 0 gets its own signal seconds
+  # later, possibly while stopping.
   procs = start_processes(str(tmp_path), data_dir, "--config.num_train_steps=100000",
-                          "--config.checkpoint_every=100000", "--config.preemption_sync_every=3")
+                          "--config.checkpoint_every=2", "--config.preemption_sync_every=3")
   head = wait_for_line(procs[0], "step 2/")
   first = time.time()
   procs[1].send_signal(signal.SIGTERM)
@@ -79,8 +80,20 @@ def test_sigterm_to_one_process_then_another_stops_all_at_one_step(tmp_path, dat
            if line.startswith("preempted: saved a checkpoint at step")]
   assert len(saved) == 1
   ckpts = str(tmp_path / "checkpoints")
-  assert checkpoint.steps(ckpts) == saved and checkpoint.verify(ckpts, saved[0])
+  assert checkpoint.steps(ckpts)[0] == saved[0]         # the newest step, complete and sealed
+  assert all(checkpoint.verify(ckpts, s) for s in checkpoint.steps(ckpts))
   assert saved[0] % 3 == 0                               # a sync point every process reached
+
+
+def test_sigterm_to_one_process_while_compiling_stops_all_before_the_first_step(tmp_path, data_dir):
+  procs = start_processes(str(tmp_path), data_dir, "--config.num_train_steps=100000")
+  head = wait_for_line(procs[0], "data: ")
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _finish(procs, timeout=120)
+  outs[0] = head + outs[0]
+  assert [p.returncode for p in procs] == [75, 75], outs
+  assert "preempted: stopped before training step 1, with nothing new to save" in outs[0]
+  assert checkpoint.steps(str(tmp_path / "checkpoints")) == []
 
 
 def test_a_lost_peer_ends_the_others_in_bounded_time(tmp_path, data_dir):

@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from spadnet_jax import checkpoint, trainer
+from spadnet_jax import checkpoint, preemption, trainer
 from tests.conftest import REPO
-from tests.train_helpers import losses, run_train, tiny_config
+from tests.train_helpers import losses, run_train, tiny_config, wait_for_line
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +204,37 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_dir):
   assert "preempted: saved a checkpoint at step" in out
   _, step = _params(str(tmp_path))
   assert step >= 2
+
+
+def test_sigterm_while_starting_or_compiling_stops_before_the_first_step(tmp_path, data_dir):
+  p = run_train(str(tmp_path), data_dir, popen=True)
+  head = wait_for_line(p, "data: ")        # printed before the train state, resume and compile
+  p.send_signal(signal.SIGTERM)
+  out = head + p.communicate(timeout=300)[0]
+  assert p.returncode == 75, out
+  assert "preempted: stopped before training step 1, with nothing new to save" in out, out
+  assert "step 1/" not in out
+  assert checkpoint.steps(str(tmp_path / "checkpoints")) == []
+
+
+def test_a_sigterm_during_start_up_becomes_the_trainers_stop_request():
+  """A real SIGTERM to this process before the trainer's handler exists is not lost."""
+  before = signal.getsignal(signal.SIGTERM)
+  early = preemption.EarlySignal.install()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert early.received
+    with preemption.StopRequest() as stop:
+      assert stop.requested and stop.agreed(0, sync=True)
+  finally:
+    signal.signal(signal.SIGTERM, before)
+  preemption.EarlySignal.install()
+  try:
+    with preemption.StopRequest() as stop:
+      assert not stop.requested and not stop.agreed(0, sync=True)
+    assert signal.getsignal(signal.SIGTERM) is before    # the handler before start-up is back
+  finally:
+    signal.signal(signal.SIGTERM, before)
 
 
 def test_keeps_last_checkpoints_plus_the_best_by_psnr(tmp_path):
