@@ -309,13 +309,6 @@ def resume(directory: str, step: int | None, abstract: Any, report: Report,
   return result
 
 
-class DiskFull(OSError):
-  """No space left while writing a checkpoint; earlier steps are untouched."""
-
-  def __str__(self) -> str:
-    return self.strerror
-
-
 def _is_disk_full(e: BaseException | None) -> bool:
   while e is not None:
     if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
@@ -338,7 +331,7 @@ class TrainSaver:
   def _error(self, e: Exception, step: int) -> Exception:
     if not _is_disk_full(e):
       return e
-    return DiskFull(errno.ENOSPC, f"no space left on device writing checkpoint step {step} in "
+    return files.DiskFull(errno.ENOSPC, f"no space left on device writing checkpoint step {step} in "
                     f"{self.directory}; earlier checkpoints are intact: free space and rerun the "
                     "same command to resume")
 

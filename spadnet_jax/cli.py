@@ -127,6 +127,20 @@ def quiet_logging(verbose: bool = False) -> None:
     std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   tfds.display_progress_bar(False)    # the builders print one line instead
+  sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+
+
+def _without_closed_loop_noise(hook: Callable) -> Callable:
+  """An unraisable-exception hook that drops "Event loop is closed": TensorStore's callbacks
+  of a checkpoint write that failed (a full disk) reaching Orbax's finished event loop, one
+  traceback per pending chunk, after the failure itself was reported."""
+
+  def filtered(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+
+  return filtered
 
 
 def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:

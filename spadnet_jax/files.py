@@ -66,3 +66,11 @@ class WorkdirLock:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
+
+
+class DiskFull(OSError):
+  """No space left on device; the message (errno-free) names the path, and what was
+  written before is untouched."""
+
+  def __str__(self) -> str:
+    return self.strerror

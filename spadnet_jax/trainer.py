@@ -4,6 +4,7 @@ train_and_evaluate(config, workdir) is what train.py runs. The same code runs on
 simulated CPU devices, a GPU or several hosts; only the mesh differs.
 """
 
+import errno
 import functools
 import os
 import time
@@ -95,7 +96,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
            stop: preemption.StopRequest) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   report = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer = _metric_writer(workdir, is_main)
 
   data = pipeline.Data(cfg.data)          # prepared once here; fails early on a missing data set
   report(f"data: {cfg.data.name}" + (f" in {data.location}" if data.location else ""))
@@ -170,6 +171,18 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
         f"{skipped} of {step} updates were skipped as non-finite ({skipped / max(step, 1):.1%}), "
         f"more than config.max_skipped_fraction={cfg.max_skipped_fraction}: the run diverged")
   return summary
+
+
+def _metric_writer(workdir: str, is_main: bool) -> metric_writers.MetricWriter:
+  """clu's default writer (TensorBoard events on process 0); a full disk, which TensorFlow
+  reports as ResourceExhaustedError, becomes the OSError a person reads in one line."""
+  try:
+    return metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  except Exception as e:  # pylint: disable=broad-except  # TensorFlow's errors are no OSErrors
+    if "No space left on device" in str(e):
+      raise files.DiskFull(errno.ENOSPC, f"no space left on device creating the TensorBoard events "
+                    f"file in {workdir}; free space and rerun the same command") from e
+    raise
 
 
 def grid_path(workdir: str, step: int) -> str:

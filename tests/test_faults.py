@@ -193,6 +193,30 @@ def test_full_disk_is_one_message_and_the_rerun_resumes(trained, small_disk, dat
                             f"{work}/checkpoints; earlier checkpoints are intact"), r.stderr[-3000:]
   assert "Traceback" not in r.stderr and "sys.meta_path is None" not in r.stderr
   assert checkpoint.verify(os.path.join(work, "checkpoints"), 2)
+  # That run's TensorBoard events filled the disk: the next one cannot create its own.
+  r = run_train(work, data_dir, "--config.num_train_steps=4")
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert r.stderr.strip().splitlines()[-1] == ("error: no space left on device creating the "
+                                               f"TensorBoard events file in {work}; free space "
+                                               "and rerun the same command"), r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  for name in os.listdir(work):
+    if name.startswith("events.out"):
+      os.remove(os.path.join(work, name))
+  # The same disk with the free-space pre-check fooled (shutil.disk_usage reports 1 TiB):
+  # the disk fills during Orbax's write, with TensorStore writes in flight.
+  fooled = small_disk.parent / "fooled"
+  fooled.mkdir()
+  (fooled / "sitecustomize.py").write_text(
+      "import shutil\n_usage = shutil.disk_usage\n"
+      "shutil.disk_usage = lambda path: _usage(path)._replace(free=1 << 40)\n")
+  r = run_train(work, data_dir, "--config.num_train_steps=4", env={"PYTHONPATH": str(fooled)})
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert r.stderr.strip().startswith("error: no space left on device writing checkpoint step 4 "), \
+      r.stderr[-3000:]
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+  assert checkpoint.steps(os.path.join(work, "checkpoints")) == [2]
+  assert checkpoint.verify(os.path.join(work, "checkpoints"), 2)
   filler.unlink()
   r = run_train(work, data_dir, "--config.num_train_steps=4")
   assert r.returncode == 0, r.stdout + r.stderr
