@@ -41,6 +41,16 @@ def make_eval_step(model: SPADNet, crop: int = 8, score: str = "float") -> Calla
   return step
 
 
+def jit_eval_step(model: SPADNet, mesh: jax.sharding.Mesh, crop: int = 8, score: str = "float",
+                  variables_sharding: Any = None) -> Callable:
+  """make_eval_step jitted over `mesh`: the batch split over both mesh axes, the variables
+  as `variables_sharding` (replicated by default), the outputs replicated."""
+  rep = sharding.replicated(mesh)
+  return jax.jit(make_eval_step(model, crop, score),
+                 in_shardings=(variables_sharding or rep, sharding.batch_sharding(mesh)),
+                 out_shardings=rep)
+
+
 # --- batches across processes --------------------------------------------------------------
 
 def pad_batch(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -89,10 +99,7 @@ class Evaluator:
     self.local_batch = pipeline.local_batch_size(batch_size)
     self.dataset, self.count = pipeline.eval_dataset(data, model.scale, split, self.local_batch)
     self.limit = limit
-    rep = sharding.replicated(mesh)
-    self.step = jax.jit(make_eval_step(model, crop, score),
-                        in_shardings=(variables_sharding or rep, sharding.batch_sharding(mesh)),
-                        out_shardings=rep)
+    self.step = jit_eval_step(model, mesh, crop, score, variables_sharding)
 
   def __call__(self, variables: Any, keep_images: int = 0,
                on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,

@@ -7,6 +7,7 @@ their `if __name__ == "__main__":` block. Why each setting: docs/performance.md.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Mapping, Sequence
@@ -80,6 +81,42 @@ def quiet_native_logs(argv: Sequence[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# What libtpu asks a TPU VM's metadata server for, as placeholders on a machine without
+# TPUs; and no machine-wide lock (/tmp/libtpu_lockfile): there is no TPU to guard, and
+# several processes may compile for TPUs at once.
+TPU_PLACEHOLDERS = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+                    "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def tpu_chips_present(pci_root: str = "/sys/bus/pci/devices") -> bool:
+  """Whether the machine has a Google PCI device (a TPU chip), as JAX itself detects them."""
+  try:
+    entries = os.listdir(pci_root)
+  except OSError:
+    return False
+  for entry in entries:
+    try:
+      with open(os.path.join(pci_root, entry, "vendor")) as f:
+        if f.read().strip() == GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def quiet_absent_tpu(environ: dict[str, str] | None = None) -> None:
+  """Where libtpu is installed (jax[tpu], for ahead-of-time TPU compilation) but the
+  machine has no TPU, libtpu's start-up prints errors about the TPU VM metadata it cannot
+  find; give it single-host placeholders instead. Values the user set are kept; a no-op
+  on a TPU machine or without libtpu."""
+  environ = os.environ if environ is None else environ
+  if importlib.util.find_spec("libtpu") is None or tpu_chips_present():
+    return
+  for key, value in TPU_PLACEHOLDERS.items():
+    environ.setdefault(key, value)
+
+
 def prepare() -> None:
   """A program's process set-up before JAX starts: restart with the malloc tunables (once),
   then the XLA:CPU flags and quiet native logs. Only from a program's own
@@ -87,6 +124,7 @@ def prepare() -> None:
   restart_with_malloc_tunables()
   configure_xla_cpu()
   quiet_native_logs(sys.argv)
+  quiet_absent_tpu()
 
 
 # --- multi-host start-up ---------------------------------------------------------------------

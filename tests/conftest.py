@@ -10,6 +10,8 @@ import pytest
 from spadnet_jax import process_setup
 
 process_setup.configure_xla_cpu()   # before any test starts a JAX backend
+process_setup.quiet_absent_tpu()     # libtpu (jax[tpu], for tests/test_tpu.py) without a TPU
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # tests need no accelerator
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = pathlib.Path(os.environ.get("SPADNET_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -42,3 +44,18 @@ def pytest_sessionstart(session):
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Start tests/test_tpu.py's TPU compilation (minutes of one process, mostly one core) in
+  the background as soon as it is selected; its test collects the result."""
+  if any("tiny_tpu_compile" in getattr(item, "fixturenames", ()) for item in items):
+    from tests import test_tpu  # pylint: disable=import-outside-toplevel
+    config.stash[test_tpu.BACKGROUND] = test_tpu.start_tiny_compile()
+
+
+def pytest_sessionfinish(session):
+  from tests import test_tpu  # pylint: disable=import-outside-toplevel
+  run = session.config.stash.get(test_tpu.BACKGROUND, None)
+  if run is not None:
+    run.stop()
