@@ -142,18 +142,31 @@ def test_fused_bfloat16_accumulates_in_float32(data):
 
 
 def test_unrolled_tap_path_of_accelerators_matches(data, monkeypatch):
-  """GPUs/TPUs run other paths (unrolled taps, the einsum's backward, 'auto' = einsum): check them."""
+  """GPUs/TPUs run other paths (unrolled taps, the einsum's backward, 'auto' = einsum on GPUs
+  and shifted on TPUs): check them."""
   from spadnet_jax.ops import pac_formulations, windows
   h, x, w, b = (jnp.asarray(a, jnp.float32) for a in data)
   loss = lambda impl: (lambda x, h, w, b: jnp.sum(jnp.sin(ops.pac_conv(x, ops.gaussian_kernel(h), w, b,
                                                                        impl=impl))))
   ref = jax.grad(loss("fused"), argnums=(0, 1, 2, 3))(x, h, w, b)
   for module in (pac_formulations, windows):
-    monkeypatch.setattr(module, "by_platform", lambda cpu, default, *args: default(*args))
+    monkeypatch.setattr(module, "by_platform", lambda cpu, default, *args, **_: default(*args))
   for impl in ("fused", "auto"):
     got = jax.grad(loss(impl), argnums=(0, 1, 2, 3))(x, h, w, b)
     for a, r in zip(got, ref):
       np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+  # As on a TPU: 'auto' is 'shifted' there.
+  chosen = []
+  shifted = pac_formulations.pac_conv_shifted
+  monkeypatch.setattr(pac_formulations, "pac_conv_shifted",
+                      lambda *a: chosen.append("shifted") or shifted(*a))
+  for module in (pac_formulations, windows):
+    monkeypatch.setattr(module, "by_platform",
+                        lambda cpu, default, *args, tpu=None: (tpu or default)(*args))
+  got = jax.grad(loss("auto"), argnums=(0, 1, 2, 3))(x, h, w, b)
+  assert chosen == ["shifted"]
+  for a, r in zip(got, ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
   np.testing.assert_allclose(ops.gaussian_kernel(h), _kernel_loop(np.asarray(h), lambda d: np.exp(-0.5 * d)),
                              rtol=1e-5, atol=1e-6)
   # No bias, bfloat16: the accelerators' backward keeps the inputs' dtypes and shapes.
