@@ -180,17 +180,27 @@ def compile_steps(cfg: Any, topology: str, batch_per_chip: int, eval_batch_per_c
 def fit_batch(cfg: Any, topology: str, records: Sequence[dict[str, Any]], multiple: int = 8
               ) -> dict[str, Any]:
   """The largest train batch per chip (a multiple of `multiple`) whose peak fits in HBM:
-  predicted from two train records (peak linear in the batch), then compiled to confirm,
-  stepping down until it fits."""
+  predicted from two train records (peak linear in the batch), then confirmed by compiling
+  it and the next multiple up (stepping up while that fits, down while it does not)."""
   (b0, p0), (b1, p1) = sorted((r["batch_per_chip"], r["peak_gib"]) for r in records[:2])
   per_example = (p1 - p0) / (b1 - b0)
   batch = max(multiple, int((records[0]["hbm_gib"] - (p0 - per_example * b0)) / per_example)
               // multiple * multiple)
-  while True:
-    record = compile_steps(cfg, topology, batch)[0]
-    if record["fits"] or batch <= multiple:
-      return {**record, "fit": "largest" if record["fits"] else "none fits"}
-    batch -= multiple
+  compiled = {r["batch_per_chip"]: r for r in records}
+
+  def fits(b: int) -> bool:
+    if b not in compiled:
+      compiled[b] = compile_steps(cfg, topology, b)[0]
+    return compiled[b]["fits"]
+
+  if fits(batch):
+    while fits(batch + multiple):
+      batch += multiple
+  else:
+    while batch > multiple and not fits(batch):
+      batch -= multiple
+  found = compiled[batch]
+  return {**found, "fit": "largest" if found["fits"] else "none fits"}
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:

@@ -41,6 +41,26 @@ def test_collective_bytes_are_ring_traffic_per_chip():
   assert set(got) == {"all-reduce", "all-gather", "reduce-scatter"}
 
 
+@pytest.mark.parametrize("curve, largest, compiled", [
+    (lambda b: 1 + 0.1 * b, 144, [144, 152]),                  # linear: the prediction, then up
+    (lambda b: 1 + 0.1 * b + 0.002 * b * b, 64, [80, 72, 64]),  # steeper: stepping down
+])
+def test_fit_batch_finds_the_largest_multiple_that_fits(monkeypatch, curve, largest, compiled):
+  calls = []
+
+  def compile_steps(cfg, topology, batch, eval_batch=0):
+    calls.append(batch)
+    return [{"batch_per_chip": batch, "peak_gib": curve(batch), "hbm_gib": 16,
+             "fits": curve(batch) <= 16}]
+
+  monkeypatch.setattr(tpu, "compile_steps", compile_steps)
+  records = [compile_steps(None, "", 8)[0], compile_steps(None, "", 32)[0]]
+  calls.clear()
+  found = tpu.fit_batch(None, "v5e:2x2", records)
+  assert (found["batch_per_chip"], found["fit"], calls) == (largest, "largest", compiled)
+  assert curve(largest) <= 16 < curve(largest + 8)
+
+
 def test_absent_tpu_placeholders_only_without_tpu_chips(tmp_path, monkeypatch):
   google = tmp_path / "pci" / "0000:00:04.0"
   google.mkdir(parents=True)
