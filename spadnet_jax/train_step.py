@@ -64,14 +64,22 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
-                    loss_terms: Mapping[str, float], ema_decay: float) -> Callable:
+                    loss_terms: Mapping[str, float], ema_decay: float,
+                    compute_params_sharding: Any = None) -> Callable:
   """(state, batch) -> (state, metrics), the loss being config.loss's weighted terms
   (losses.weights). The update is skipped (and counted) unless the loss, the gradient
   norm and the updated parameters' norm are finite; Adam's moments and the EMA are then
-  convex combinations of finite values, so the whole new state is finite."""
+  convex combinations of finite values, so the whole new state is finite.
+
+  `compute_params_sharding` (e.g. replicated): where the parameters are while the model
+  runs. FSDP stores them sharded and gathers them whole for the forward and backward
+  passes; left to itself, XLA split the activations by channel instead (docs/performance.md).
+  """
   metrics_cls = train_metrics(loss_terms)
 
   def loss_fn(params, batch):
+    if compute_params_sharding is not None:
+      params = jax.lax.with_sharding_constraint(params, compute_params_sharding)
     sr, hm = model.apply({"params": params}, batch["lr_up"])
     return losses.total(loss_terms, {"sr": sr, "heatmap": hm}, batch)
 

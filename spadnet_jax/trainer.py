@@ -80,11 +80,13 @@ def lower_train_step(cfg: ml_collections.ConfigDict, model: SPADNet,
                      tx: optax.GradientTransformation, schedule: optax.Schedule,
                      loss_terms: dict[str, float], mesh: jax.sharding.Mesh, abstract: TrainState,
                      state_shardings: TrainState) -> jax.stages.Lowered:
-  """The train step jitted over `mesh` (state donated, batch split over both mesh axes)
-  and lowered for a global batch of config.batch_size; .compile() gives the executable."""
+  """The train step jitted over `mesh` (state donated, batch split over both mesh axes,
+  FSDP parameters gathered whole for the computation) and lowered for a global batch of
+  config.batch_size; .compile() gives the executable."""
   batch_sharding = sharding.batch_sharding(mesh)
+  gathered = sharding.replicated(mesh) if mesh.shape["fsdp"] > 1 else None
   return jax.jit(
-      make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay),
+      make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay, gathered),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0).lower(abstract, contract.batch_spec(cfg.batch_size, model.scale,
