@@ -85,10 +85,11 @@ def test_sigterm_to_one_process_then_another_stops_all_at_one_step(tmp_path, dat
   assert saved[0] % 3 == 0                               # a sync point every process reached
 
 
-def test_sigterm_to_one_process_while_compiling_stops_all_before_the_first_step(tmp_path, data_dir):
+def test_sigterm_to_both_at_once_while_compiling_stops_before_the_first_step(tmp_path, data_dir):
   procs = start_processes(str(tmp_path), data_dir, "--config.num_train_steps=100000")
   head = wait_for_line(procs[0], "data: ")
-  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:                                   # the same instant
+    p.send_signal(signal.SIGTERM)
   outs = _finish(procs, timeout=120)
   outs[0] = head + outs[0]
   assert [p.returncode for p in procs] == [75, 75], outs
