@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from typing import Any, Sequence
@@ -253,7 +254,7 @@ def main(argv: list[str]) -> int:
   if FLAGS.fit:
     records.append(fit_batch(FLAGS.config, FLAGS.topology, [r for r in records if r["step"] == "train"]))
   print(table(records))
-  chip = CHIPS[next(d.device_kind for d in topology_devices(FLAGS.topology))]
+  chip = next(c for c in CHIPS.values() if c.name == records[0]["chip"])
   print(f"roofline: max(FLOPs / {chip.bf16_tflops:g} TFLOP/s, bytes / {chip.hbm_gb_per_s:g} GB/s) "
         f"+ collective bytes / {chip.ici_gb_per_s:g} GB/s ({chip.name} published peaks); an "
         "estimate, not a measurement")
@@ -266,6 +267,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
   from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the host only traces; libtpu compiles
   cli.run(main, DEFAULT_CONFIG)
