@@ -16,6 +16,7 @@ from PIL import Image
 
 from spadnet_jax.data import landmarks as lmk
 from spadnet_jax.data import synthetic
+from spadnet_jax.faces import frame
 from spadnet_jax.data.contract import HR_SIZE
 
 
@@ -126,8 +127,7 @@ def load_face(path: str, entry: Any) -> tuple[np.ndarray, np.ndarray, str]:
     if x1 <= x0 or y1 <= y0:
       raise BadExample(f"{path}: empty bbox {bbox.tolist()}")
     image = image.resize((HR_SIZE, HR_SIZE), Image.BICUBIC, box=(x0, y0, x1, y1))
-    scale = np.array([HR_SIZE / (x1 - x0), HR_SIZE / (y1 - y0)], np.float32)
-    points = (points - np.array([x0, y0], np.float32) + 0.5) * scale - 0.5
+    points = frame.box_points(points, (x0, y0, x1, y1), HR_SIZE)
   elif image.size != (HR_SIZE, HR_SIZE):
     raise BadExample(f"{path}: image is {image.size[0]}x{image.size[1]}, expected "
                      f"{HR_SIZE}x{HR_SIZE} (or a landmark entry with a 'bbox' to crop)")
@@ -145,7 +145,9 @@ class FaceFolder(_PreparedOnce, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="celeba", description="CelebA, DIC split."),
-                     tfds.core.BuilderConfig(name="helen", description="Helen, FSRNet split.")]
+                     tfds.core.BuilderConfig(name="helen", description="Helen, FSRNet split."),
+                     tfds.core.BuilderConfig(name="photos",
+                                             description="Any photos, by spadnet_jax.prepare.")]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Place the prepared faces under manual_dir as
     <manual_dir>/train/HR/*.png   128x128 HR faces (or full images with a bbox entry)

@@ -1,0 +1,148 @@
+"""Where a face sits: the literature's square crop, the aligned frame, warps and paste-back.
+
+Landmarks keep the data's convention (pixel centres at integers). Boxes and affine maps use
+pixel edges (pixel i spans [i, i + 1]), as Pillow's resize boxes and transforms do; an
+affine map is a (2, 3) array taking source edge coordinates to destination ones.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+Box = tuple[float, float, float, float]   # x0, y0, x1, y1 in pixel edges
+EXPAND = 0.3   # DIC's crop: 30% of the square's side added, half on each side
+LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)
+
+
+def landmark_box(points: np.ndarray) -> Box:
+  """The tight box through the outermost points' pixel centres (so it maps with the points)."""
+  p = np.asarray(points, np.float64) + 0.5
+  (x0, y0), (x1, y1) = p.min(0), p.max(0)
+  return float(x0), float(y0), float(x1), float(y1)
+
+
+def square_box(box: Box, side: str = "short", expand: float = EXPAND) -> Box:
+  """A square centred on `box`, as long as its shorter ('short', DIC's rule for CelebA's
+  annotated boxes) or longer ('long', for landmark boxes) side, enlarged by `expand`."""
+  x0, y0, x1, y1 = box
+  w, h = x1 - x0, y1 - y0
+  if side not in ("short", "long"):
+    raise ValueError(f"side must be 'short' or 'long', not {side!r}")
+  s = (min(w, h) if side == "short" else max(w, h)) * (1.0 + expand)
+  cx, cy = x0 + w / 2, y0 + h / 2
+  return cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2
+
+
+def clip_box(box: Box, width: int, height: int) -> Box:
+  """`box` cut to the image (DIC clips its crops the same way, so border crops are not square)."""
+  x0, y0, x1, y1 = box
+  return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+
+
+def box_points(points: np.ndarray, box: Box, size: int) -> np.ndarray:
+  """Landmarks of a photo in the frame of `box` resized to size x size."""
+  x0, y0, x1, y1 = box
+  scale = np.array([size / (x1 - x0), size / (y1 - y0)], np.float32)
+  return (np.asarray(points, np.float32) - np.array([x0, y0], np.float32) + 0.5) * scale - 0.5
+
+
+def crop(image: Image.Image, box: Box, size: int) -> np.ndarray:
+  """The box resized to size x size with Pillow's bicubic (antialiased), as DIC crops."""
+  return np.asarray(image.resize((size, size), Image.BICUBIC, box=tuple(box)), np.uint8)
+
+
+def rotation(angle: float) -> np.ndarray:
+  c, s = math.cos(angle), math.sin(angle)
+  return np.array([[c, -s], [s, c]])
+
+
+def affine(linear: np.ndarray, shift) -> np.ndarray:
+  return np.concatenate([np.asarray(linear, np.float64), np.asarray(shift, np.float64)[:, None]], 1)
+
+
+def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+  """outer after inner."""
+  return affine(outer[:, :2] @ inner[:, :2], outer[:, :2] @ inner[:, 2] + outer[:, 2])
+
+
+def invert(a: np.ndarray) -> np.ndarray:
+  inv = np.linalg.inv(a[:, :2])
+  return affine(inv, -inv @ a[:, 2])
+
+
+def translate(dx: float, dy: float) -> np.ndarray:
+  return affine(np.eye(2), [dx, dy])
+
+
+def apply(a: np.ndarray, points: np.ndarray) -> np.ndarray:
+  """Landmarks (pixel centres at integers) through an edge-coordinate affine map."""
+  p = np.asarray(points, np.float64) + 0.5
+  return (p @ a[:, :2].T + a[:, 2] - 0.5).astype(np.float32)
+
+
+def aligned_frame(points: np.ndarray, size: int, expand: float = EXPAND) -> np.ndarray:
+  """The photo -> size x size map that levels the eyes and then crops as prepare does
+  (the square of the landmark box's longer side, enlarged by `expand`)."""
+  p = np.asarray(points, np.float64)
+  dx, dy = p[RIGHT_EYE].mean(0) - p[LEFT_EYE].mean(0)
+  level = rotation(-math.atan2(dy, dx))
+  turned = apply(affine(level, [0.0, 0.0]), p)
+  x0, y0, x1, _ = square_box(landmark_box(turned), "long", expand)
+  scale = size / (x1 - x0)
+  return compose(affine(scale * np.eye(2), [-scale * x0, -scale * y0]), affine(level, [0, 0]))
+
+
+def frame_side(a: np.ndarray, size: int) -> float:
+  """How many photo pixels the size x size frame of `a` spans."""
+  return size / math.sqrt(abs(np.linalg.det(a[:, :2])))
+
+
+def warp(image: np.ndarray, a: np.ndarray, shape: tuple[int, int], edge: bool = True) -> np.ndarray:
+  """(H, W, C) float image through the map `a` into an (h, w, C) float32 image (Pillow
+  bicubic). Outside the source: its edge pixels repeated (`edge`) or zeros."""
+  image = np.asarray(image, np.float32)
+  h, w = shape
+  to_src = invert(a)
+  if edge:
+    corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], np.float64)
+    src = corners @ to_src[:, :2].T + to_src[:, 2]
+    limit = 4 * max(image.shape[:2]) + 8
+    lo = np.clip(np.ceil(-src.min(0)) + 3, 0, limit).astype(int)
+    hi = np.clip(np.ceil(src.max(0) - image.shape[1::-1]) + 3, 0, limit).astype(int)
+    image = np.pad(image, ((lo[1], hi[1]), (lo[0], hi[0]), (0, 0)), mode="edge")
+    to_src = compose(translate(lo[0], lo[1]), to_src)
+  data = tuple(to_src.reshape(-1))
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), "F").transform(
+      (w, h), Image.AFFINE, data=data, resample=Image.BICUBIC)) for c in range(image.shape[2])], -1)
+
+
+def feather_mask(size: int, margin: float = 0.05, ramp: float = 0.15) -> np.ndarray:
+  """(size, size) weights: 0 within `margin` of the frame's edge, rising smoothly over
+  `ramp` (fractions of the side) to 1 inside, so a pasted face leaves no seam."""
+  centres = np.arange(size) + 0.5
+  d = np.minimum(centres, size - centres)
+  t = np.clip((d - margin * size) / (ramp * size), 0.0, 1.0)
+  edge = t * t * (3 - 2 * t)
+  return np.minimum(edge[:, None], edge[None, :]).astype(np.float32)
+
+
+def paste(canvas: np.ndarray, face: np.ndarray, to_face: np.ndarray,
+          mask: np.ndarray) -> tuple[np.ndarray, Box]:
+  """Blend `face` (s, s, C) into a copy of `canvas` (H, W, C) where `to_face` (canvas ->
+  face frame) puts it, weighted by `mask` (s, s); returns the copy and the region changed."""
+  s = face.shape[0]
+  from_face = invert(to_face)
+  corners = np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float64) @ from_face[:, :2].T + from_face[:, 2]
+  x0, y0 = np.maximum(np.floor(corners.min(0)), 0).astype(int)
+  x1 = int(min(np.ceil(corners[:, 0].max()), canvas.shape[1]))
+  y1 = int(min(np.ceil(corners[:, 1].max()), canvas.shape[0]))
+  out = np.array(canvas, np.float32, copy=True)
+  if x1 <= x0 or y1 <= y0:
+    return out, (0.0, 0.0, 0.0, 0.0)
+  into_region = compose(translate(-x0, -y0), from_face)
+  region = warp(face, into_region, (y1 - y0, x1 - x0), edge=False)
+  weight = np.clip(warp(mask[..., None], into_region, (y1 - y0, x1 - x0), edge=False), 0, 1)
+  out[y0:y1, x0:x1] = weight * region + (1 - weight) * out[y0:y1, x0:x1]
+  return out, (float(x0), float(y0), float(x1), float(y1))
