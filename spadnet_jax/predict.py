@@ -33,6 +33,7 @@ from spadnet_jax import checkpoint, visualize
 from spadnet_jax.data import contract, degrade
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MAX_OUTPUT_PIXELS = 100e6   # --faces: an enlarged photo (held as float32 while faces go in)
 
 
 def list_inputs(path: str) -> list[str]:
@@ -194,16 +195,16 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: in
       print(f"error: {path}: {e}", file=sys.stderr)
       failures += 1
       continue
-    if max(photo.shape[:2]) * upscale > 30000:
+    if photo.shape[0] * photo.shape[1] * upscale ** 2 > MAX_OUTPUT_PIXELS:
       print(f"error: {path}: {photo.shape[1]}x{photo.shape[0]} enlarged x{upscale:g} exceeds "
-            "30000 px; lower --upscale", file=sys.stderr)
+            f"{MAX_OUTPUT_PIXELS / 1e6:.0f} megapixels; lower --upscale", file=sys.stderr)
       failures += 1
       continue
     faces = restore.plan(models, photo, scale=model.scale, lr_kernel=lr_kernel,
                          min_face=min_face, max_face=max_face, max_upsample=max_upsample)
     waiting.append((path, photo, faces))
     queue.extend(f for f in faces if f.lr_up is not None)
-    run(full_only=True)
+    run(full_only=len(waiting) <= batch_size)     # a part batch rather than photos piling up
     write_ready()
   run(full_only=False)
   write_ready()

@@ -236,7 +236,7 @@ def prepare(input_dir: str, output: str, *, split: str = "train=0.9,test=0.1", s
   if not 0 <= expand <= 3:
     raise ValueError(f"--expand {expand}: must be between 0 and 3")
   dlib_models.model_path(dlib_models.LANDMARKS_FILE)    # the extra is there, before any work
-  photos = photo_sets.recognise(input_dir)
+  photos = photo_sets.recognise(input_dir, exclude=output)
   print(f"input: {photos.describe()}", flush=True)
   settings = {"kind": photos.kind, "detector": detector, "min_face": min_face,
               "expand": expand, "max_upsample": max_upsample}
@@ -248,9 +248,10 @@ def prepare(input_dir: str, output: str, *, split: str = "train=0.9,test=0.1", s
   os.makedirs(staging, exist_ok=True)
   log = os.path.join(work, "records.jsonl")
   records = read_records(log)
-  done = {n for n, r in records.items()
-          if r["stat"] == _stat(os.path.join(photos.root, n))
-          and (r["status"] != "ok" or os.path.isfile(os.path.join(staging, r["out"])))}
+  done = {n for n in photos.images if n in records
+          and records[n]["stat"] == _stat(os.path.join(photos.root, n))
+          and (records[n]["status"] != "ok"
+               or os.path.isfile(os.path.join(staging, records[n]["out"])))}
   todo = [(n, photos.boxes.get(n)) for n in photos.images if n not in done]
   if done:
     print(f"resuming: {len(done):,} photos already done, {len(todo):,} to go", flush=True)

@@ -65,16 +65,24 @@ def test_warp_then_paste_returns_the_photo_and_touches_only_the_face_region(rng)
   photo = np.stack([np.sin(x + y), np.cos(x - 0.5 * y), np.sin(0.7 * x * y)], -1) * 0.4 + 0.5
   to_face = frame.compose(frame.affine(1.6 * frame.rotation(0.3), [0, 0]), frame.translate(-70, -40))
   face = frame.warp(photo, to_face, (128, 128))
-  back, region = frame.paste(np.zeros_like(photo), face, to_face, np.ones((128, 128), np.float32))
-  inner = frame.feather_mask(128) == 1
-  inner_in_photo = frame.paste(np.zeros(photo.shape[:2] + (1,)), inner[..., None].astype(np.float32),
-                               to_face, np.ones((128, 128), np.float32))[0][..., 0] > 0.999
+  back = np.zeros_like(photo, np.float32)
+  region = frame.paste(back, face, to_face, np.ones((128, 128), np.float32))
+  inner = np.zeros(photo.shape[:2] + (1,), np.float32)
+  frame.paste(inner, (frame.feather_mask(128) == 1)[..., None].astype(np.float32), to_face,
+              np.ones((128, 128), np.float32))
+  inner_in_photo = inner[..., 0] > 0.999
   assert inner_in_photo.sum() > 1500
   assert np.abs(back - photo)[inner_in_photo].max() < 0.01        # bicubic there and back
   x0, y0, x1, y1 = (int(v) for v in region)
   outside = np.ones(photo.shape[:2], bool)
   outside[y0:y1, x0:x1] = False
   assert np.all(back[outside] == 0)
+  # A frame hanging over the photo's corner sees the edge pixels repeated, as if the whole
+  # photo had been padded first (warp reads only the part it needs).
+  corner = frame.compose(frame.affine(2.0 * frame.rotation(-0.4), [0, 0]), frame.translate(20, 30))
+  padded = np.pad(photo, ((200, 200), (200, 200), (0, 0)), mode="edge")
+  expected = frame.warp(padded, frame.compose(corner, frame.translate(-200, -200)), (128, 128), edge=False)
+  np.testing.assert_allclose(frame.warp(photo, corner, (128, 128)), expected, atol=1e-5)
 
 
 # ---------------------------------------------------------------- dlib on real photos
@@ -232,6 +240,27 @@ def test_prepare_is_the_same_with_one_worker_and_resumes(prepared, tmp_path, cap
   assert prepare.main(["--input", str(root / "photos"), "--output", str(tmp_path / "x"),
                        "--split", "train=0.5"]) == 1
   assert capsys.readouterr().err.startswith("error: --split 'train=0.5': needs train and test")
+
+
+def test_prepare_into_its_own_input_folder_and_after_a_photo_is_removed(models, tmp_path, capsys):
+  del models
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  Image.fromarray(real_photos.resized(real_photos.astronaut(), 256)).save(photos / "a.png")
+  Image.fromarray(real_photos.resized(real_photos.hopper(), 256)).save(photos / "b.png")
+  out = photos / "prepared"                  # inside the input: never read as photos
+  kw = dict(split="train=0.5,test=0.5", workers=1, min_face=32)
+  assert prepare.prepare(str(photos), str(out), **kw) == {"test": 1, "train": 1}
+  (photos / "b.png").unlink()
+  capsys.readouterr()
+  assert prepare.prepare(str(photos), str(out), **kw) == {"test": 0, "train": 1}
+  printed = capsys.readouterr().out
+  assert "a folder of photos: 1 images" in printed and "resuming: 1 photos already done, 0 to go" in printed
+  assert "warning: split test is empty" in printed
+  assert [p.name for p in (out / "train" / "HR").iterdir()] == ["a.png"]
+  assert list((out / "test" / "HR").iterdir()) == []
+  assert pickle.load(open(out / "test" / "landmark.pkl", "rb")) == {}
+  assert (out / prepare.REPORT).read_text().splitlines()[1:] == ["a.png\tok\ttrain"]
 
 
 def test_prepare_interrupted_by_a_signal_resumes_to_the_same_output(prepared, tmp_path):

@@ -101,18 +101,23 @@ def frame_side(a: np.ndarray, size: int) -> float:
 
 def warp(image: np.ndarray, a: np.ndarray, shape: tuple[int, int], edge: bool = True) -> np.ndarray:
   """(H, W, C) float image through the map `a` into an (h, w, C) float32 image (Pillow
-  bicubic). Outside the source: its edge pixels repeated (`edge`) or zeros."""
+  bicubic). Outside the source: its edge pixels repeated (`edge`) or zeros. Only the part
+  of the source the output sees is read, so a face of a large photo costs a face."""
   image = np.asarray(image, np.float32)
   h, w = shape
   to_src = invert(a)
   if edge:
     corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], np.float64)
     src = corners @ to_src[:, :2].T + to_src[:, 2]
-    limit = 4 * max(image.shape[:2]) + 8
-    lo = np.clip(np.ceil(-src.min(0)) + 3, 0, limit).astype(int)
-    hi = np.clip(np.ceil(src.max(0) - image.shape[1::-1]) + 3, 0, limit).astype(int)
-    image = np.pad(image, ((lo[1], hi[1]), (lo[0], hi[0]), (0, 0)), mode="edge")
-    to_src = compose(translate(lo[0], lo[1]), to_src)
+    height, width = image.shape[:2]
+    (x_lo, y_lo), (x_hi, y_hi) = np.floor(src.min(0)) - 3, np.ceil(src.max(0)) + 3
+    cx0, cy0 = int(np.clip(x_lo, 0, width - 1)), int(np.clip(y_lo, 0, height - 1))
+    cx1, cy1 = int(np.clip(x_hi, cx0 + 1, width)), int(np.clip(y_hi, cy0 + 1, height))
+    limit = 4 * max(h, w) + 8
+    pads = [int(min(max(v, 0), limit)) for v in (cy0 - y_lo, y_hi - cy1, cx0 - x_lo, x_hi - cx1)]
+    image = np.pad(image[cy0:cy1, cx0:cx1], ((pads[0], pads[1]), (pads[2], pads[3]), (0, 0)),
+                   mode="edge")
+    to_src = compose(translate(pads[2] - cx0, pads[0] - cy0), to_src)
   data = tuple(to_src.reshape(-1))
   return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), "F").transform(
       (w, h), Image.AFFINE, data=data, resample=Image.BICUBIC)) for c in range(image.shape[2])], -1)
@@ -128,21 +133,19 @@ def feather_mask(size: int, margin: float = 0.05, ramp: float = 0.15) -> np.ndar
   return np.minimum(edge[:, None], edge[None, :]).astype(np.float32)
 
 
-def paste(canvas: np.ndarray, face: np.ndarray, to_face: np.ndarray,
-          mask: np.ndarray) -> tuple[np.ndarray, Box]:
-  """Blend `face` (s, s, C) into a copy of `canvas` (H, W, C) where `to_face` (canvas ->
-  face frame) puts it, weighted by `mask` (s, s); returns the copy and the region changed."""
+def paste(canvas: np.ndarray, face: np.ndarray, to_face: np.ndarray, mask: np.ndarray) -> Box:
+  """Blend `face` (s, s, C) into the float `canvas` (H, W, C), in place, where `to_face`
+  (canvas -> face frame) puts it, weighted by `mask` (s, s); returns the region changed."""
   s = face.shape[0]
   from_face = invert(to_face)
   corners = np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float64) @ from_face[:, :2].T + from_face[:, 2]
   x0, y0 = np.maximum(np.floor(corners.min(0)), 0).astype(int)
   x1 = int(min(np.ceil(corners[:, 0].max()), canvas.shape[1]))
   y1 = int(min(np.ceil(corners[:, 1].max()), canvas.shape[0]))
-  out = np.array(canvas, np.float32, copy=True)
   if x1 <= x0 or y1 <= y0:
-    return out, (0.0, 0.0, 0.0, 0.0)
+    return (0.0, 0.0, 0.0, 0.0)
   into_region = compose(translate(-x0, -y0), from_face)
   region = warp(face, into_region, (y1 - y0, x1 - x0), edge=False)
   weight = np.clip(warp(mask[..., None], into_region, (y1 - y0, x1 - x0), edge=False), 0, 1)
-  out[y0:y1, x0:x1] = weight * region + (1 - weight) * out[y0:y1, x0:x1]
-  return out, (float(x0), float(y0), float(x1), float(y1))
+  canvas[y0:y1, x0:x1] = weight * region + (1 - weight) * canvas[y0:y1, x0:x1]
+  return (float(x0), float(y0), float(x1), float(y1))

@@ -53,10 +53,12 @@ def _find(names: tuple[str, ...], folders: list[str]) -> str | None:
   return None
 
 
-def _images(root: str) -> list[str]:
+def _images(root: str, exclude: str | None = None) -> list[str]:
   found = []
+  skip = os.path.abspath(exclude) if exclude else None
   for folder, dirs, files in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                     and os.path.abspath(os.path.join(folder, d)) != skip)
     found += [os.path.relpath(os.path.join(folder, f), root) for f in files
               if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
   return sorted(found)
@@ -77,10 +79,11 @@ def _celeba_table(path: str, columns: int) -> dict[str, list[str]]:
   return table
 
 
-def recognise(input_dir: str) -> PhotoSet:
+def recognise(input_dir: str, exclude: str | None = None) -> PhotoSet:
   """CelebA when list_bbox_celeba.txt sits in the folder, its Anno/ or its parent (images in
   img_celeba/ or the folder itself); Helen when its images are named like Helen's
-  (<digits>_<digits>.jpg); otherwise a plain folder of photos (searched recursively)."""
+  (<digits>_<digits>.jpg); otherwise a plain folder of photos (searched recursively,
+  leaving out the folder `exclude`: prepare's output may sit inside its input)."""
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"--input {input_dir} is not a folder")
   parent = os.path.dirname(os.path.abspath(input_dir))
@@ -100,7 +103,7 @@ def recognise(input_dir: str) -> PhotoSet:
                  if partition_file else {})
     images = sorted(n for n in os.listdir(root) if n in boxes)
     return PhotoSet("celeba", root, images, boxes, partition)
-  images = _images(input_dir)
+  images = _images(input_dir, exclude)
   if not images:
     raise FileNotFoundError(f"--input {input_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
   helen = sum(bool(_HELEN_NAME.match(os.path.basename(n))) for n in images)

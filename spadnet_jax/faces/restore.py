@@ -69,10 +69,10 @@ def paste_faces(canvas: np.ndarray, faces: list[Face], upscale: float,
                 mask: np.ndarray | None = None) -> np.ndarray:
   """The canvas with every face that has an SR result pasted in (feathered)."""
   mask = frame.feather_mask(HR_SIZE) if mask is None else mask
-  out = canvas
+  out = np.array(canvas, np.float32, copy=True)
   for face in faces:
     if face.sr is not None:
-      out, _ = frame.paste(out, np.clip(face.sr, 0, 1), canvas_to_frame(face, upscale), mask)
+      frame.paste(out, np.clip(face.sr, 0, 1), canvas_to_frame(face, upscale), mask)
   return np.clip(out, 0, 1)
 
 
