@@ -313,7 +313,15 @@ def test_celeba_is_recognised_cropped_by_its_boxes_and_split(models, tmp_path):
   assert 30 < p[:, 0].mean() < 98        # the annotated (second) person's landmarks
 
 
-def test_literature_splits_from_file_names():
+def test_literature_splits_from_file_names(tmp_path):
+  for folder, name in (("helen_1", "2908549_1.jpg"), ("helen_1", "100032540_1.jpg"),
+                       ("helen_2", "1629243_1.jpg")):
+    (tmp_path / "helen" / folder).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(real_photos.resized(real_photos.astronaut(), 64)).save(tmp_path / "helen" / folder / name)
+  helen_found = photo_sets.recognise(str(tmp_path / "helen"))
+  assert helen_found.kind == "helen" and len(helen_found.images) == 3
+  (tmp_path / "helen" / "helen_2" / "holiday.jpg").write_bytes(b"")
+  assert photo_sets.recognise(str(tmp_path / "helen")).kind == "folder"
   names = [f"{i:06d}.jpg" for i in range(1, 202_600)]
   part = {n: 0 if i < 162_770 else 1 if i < 182_637 else 2 for i, n in enumerate(names)}
   celeba = photo_sets.PhotoSet("celeba", "", names, partition=part)
