@@ -48,7 +48,10 @@ def pytest_sessionstart(session):
 
 def pytest_collection_modifyitems(config, items):
   """Start tests/test_tpu.py's TPU compilation (minutes of one process, mostly one core) in
-  the background as soon as it is selected; its test collects the result."""
+  the background as soon as it is selected; its test collects the result. Under xdist the
+  worker that gets the test compiles then, while the other worker goes on."""
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    return
   if any("tiny_tpu_compile" in getattr(item, "fixturenames", ()) for item in items):
     from tests import test_tpu  # pylint: disable=import-outside-toplevel
     config.stash[test_tpu.BACKGROUND] = test_tpu.start_tiny_compile()
