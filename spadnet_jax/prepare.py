@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 import json
 import multiprocessing
 import os
@@ -179,9 +181,11 @@ def _run(todo: list[tuple[str, frame.Box | None]], workers: int, detector: str, 
     for name, box in todo:
       yield prepare_one(models, root, name, staging, settings, box)
     return
-  ctx = multiprocessing.get_context("spawn")   # dlib and numpy state never forked
-  with ctx.Pool(workers, _start_worker, (detector, root, staging, settings)) as pool:
-    yield from pool.imap_unordered(_work, todo, chunksize=max(1, min(16, len(todo) // (8 * workers))))
+  # Spawned, so no dlib or numpy state is forked; an executor, so a worker that cannot
+  # start is an error (BrokenProcessPool) rather than a pool restarting it forever.
+  with futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
+                                   (detector, root, staging, settings)) as pool:
+    yield from pool.map(_work, todo, chunksize=max(1, min(16, len(todo) // (8 * workers))))
 
 
 def assemble(output: str, records: Iterable[dict[str, Any]], splits: dict[str, str]) -> dict[str, int]:
@@ -309,6 +313,10 @@ def main(argv: list[str]) -> int:
     if a.verbosity >= 1:
       raise
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except BrokenProcessPool as e:
+    print(f"error: a worker process ended abruptly ({e}); what was done is kept, and rerunning "
+          "resumes (--workers 1 runs in this process)", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print("interrupted: what was done is kept; rerun the same command to resume",

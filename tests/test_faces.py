@@ -282,6 +282,33 @@ def test_prepare_interrupted_by_a_signal_resumes_to_the_same_output(prepared, tm
   assert _tree(tmp_path / "out") == _tree(root / "out")
 
 
+def _children(pid: int) -> list[int]:
+  kids = []
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/children") as f:
+      kids += [int(k) for k in f.read().split()]
+  return kids
+
+
+def test_a_killed_worker_is_one_error_line_and_the_rerun_completes(prepared, tmp_path):
+  root, _ = prepared
+  args = [sys.executable, "-m", "spadnet_jax.prepare", f"--input={root / 'photos'}",
+          f"--output={tmp_path / 'out'}", "--split=train=0.7,test=0.3", "--workers=2"]
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert proc.stderr.readline().startswith("1/10 photos")
+  workers = [k for k in _children(proc.pid)
+             if "spawn_main" in open(f"/proc/{k}/cmdline").read()]
+  assert len(workers) == 2
+  os.kill(workers[0], signal.SIGKILL)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 1
+  assert err.strip().splitlines()[-1].startswith("error: a worker process ended abruptly")
+  assert "Traceback" not in err
+  r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert _tree(tmp_path / "out") == _tree(root / "out")
+
+
 def test_celeba_is_recognised_cropped_by_its_boxes_and_split(models, tmp_path):
   ast, hop = real_photos.astronaut(), real_photos.hopper()
   pair = real_photos.side_by_side(ast, real_photos.resized(hop, 437, 512))
