@@ -152,8 +152,8 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: in
     raise ValueError(f"--upscale {upscale:g}: must be between 1 and 16")
   files, failures = list_inputs(inputs), 0
   names = output_names(files)
+  models = dlib_models.load(detector)          # a missing extra is said before anything is made
   prepare_output(output)
-  models = dlib_models.load(detector)          # a missing extra is said before the model loads
   model, variables, step = checkpoint.load_model(checkpoint_path)
   upscale = float(model.scale if upscale is None else upscale)
   lr_size = contract.lr_size(model.scale)

@@ -85,6 +85,18 @@ def test_warp_then_paste_returns_the_photo_and_touches_only_the_face_region(rng)
   np.testing.assert_allclose(frame.warp(photo, corner, (128, 128)), expected, atol=1e-5)
 
 
+def test_without_the_faces_extra_prepare_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+  real_find_spec = dlib_models.importlib.util.find_spec
+  monkeypatch.setattr(dlib_models.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
+  (tmp_path / "photos").mkdir()
+  assert prepare.main(["--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")]) == 1
+  assert capsys.readouterr().err == ("error: face-recognition-models is not installed: install the "
+                                     "faces extra: pip install '.[faces]' (dlib-bin, "
+                                     "face-recognition-models)\n")
+  assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- dlib on real photos
 
 
