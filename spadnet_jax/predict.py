@@ -31,8 +31,8 @@ from PIL import Image
 
 from spadnet_jax import checkpoint, visualize
 from spadnet_jax.data import contract, degrade
+from spadnet_jax.faces import photo_sets
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MAX_OUTPUT_PIXELS = 100e6   # --faces: an enlarged photo (held as float32 while faces go in)
 
 
@@ -40,9 +40,9 @@ def list_inputs(path: str) -> list[str]:
   """The image files named by `path` (a file or a folder); FileNotFoundError when none."""
   if os.path.isdir(path):
     found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                   if n.lower().endswith(EXTENSIONS))
+                   if n.lower().endswith(photo_sets.IMAGE_EXTENSIONS))
     if not found:
-      raise FileNotFoundError(f"input folder {path} holds no images ({', '.join(EXTENSIONS)})")
+      raise FileNotFoundError(f"input folder {path} holds no images ({', '.join(photo_sets.IMAGE_EXTENSIONS)})")
     return found
   if os.path.isfile(path):
     return [path]
@@ -96,6 +96,14 @@ def load_lr(path: str, lr_size: int, lr_kernel: str = "pil") -> tuple[np.ndarray
   return arr, note
 
 
+def run_padded(apply, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """apply(variables, x) for up to batch_size inputs, padded to exactly batch_size (copies
+  of the last) so that every call has the one compiled shape; the padding's outputs dropped."""
+  pad = batch_size - len(x)
+  padded = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+  return np.asarray(apply(variables, padded))[:len(x)]
+
+
 def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
             lr_kernel: str = "pil") -> int:
   """Super-resolve every image under `inputs` (LR images made and upsampled with
@@ -112,10 +120,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
     if not pending:
       return
     x = np.stack([degrade.resize(lr, contract.HR_SIZE, lr_kernel) for _, lr in pending])
-    x = np.clip(x, 0, 1)
-    pad = batch_size - len(x)
-    x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-    sr = np.asarray(apply(variables, x))
+    sr = run_padded(apply, variables, np.clip(x, 0, 1), batch_size)
     for (path, _), img in zip(pending, sr):
       out = os.path.join(output, names[path])
       visualize.save_png(out, img)
@@ -147,7 +152,7 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: in
                   max_upsample: int = 3) -> int:
   """Restore the faces of every photo under `inputs` into `output`; returns the number of
   photos that failed (unreadable)."""
-  from spadnet_jax.faces import dlib_models, photo_sets, restore  # pylint: disable=import-outside-toplevel
+  from spadnet_jax.faces import dlib_models, restore  # pylint: disable=import-outside-toplevel
   if upscale is not None and not 1 <= upscale <= 16:
     raise ValueError(f"--upscale {upscale:g}: must be between 1 and 16")
   files, failures = list_inputs(inputs), 0
@@ -167,10 +172,8 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: in
   def run(full_only: bool) -> None:
     while len(queue) >= batch_size or (queue and not full_only):
       chunk, queue[:] = queue[:batch_size], queue[batch_size:]
-      x = np.stack([f.lr_up for f in chunk])
-      pad = batch_size - len(x)
-      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-      for f, sr in zip(chunk, np.asarray(apply(variables, x))):
+      for f, sr in zip(chunk, run_padded(apply, variables, np.stack([f.lr_up for f in chunk]),
+                                         batch_size)):
         f.sr = sr
 
   def write_ready() -> None:

@@ -13,7 +13,7 @@ import re
 
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # also predict's
 # DIC's counts (CelebA) and FSRNet's (Helen), after their landmark checks.
 CELEBA_SPLITS = {"train": 168_854, "val": 100, "test": 1_000}
 HELEN_SPLITS = {"train": 2_005, "test": 50}
