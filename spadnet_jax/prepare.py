@@ -31,7 +31,7 @@ from PIL import Image
 from spadnet_jax import files
 from spadnet_jax.faces import detect, dlib_models, frame, photo_sets
 
-HR_SIZE = 128
+HR_SIZE = 128   # data.contract.HR_SIZE; not imported, so that workers start without JAX
 WORK = ".prepare"
 REPORT = "prepare_report.tsv"
 VERSION = 1   # of the per-photo records; a change invalidates earlier ones

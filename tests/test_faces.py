@@ -159,10 +159,9 @@ def test_a_restored_face_goes_back_where_it_was_found(models):
   assert len(xs) > 500
   assert x0 < np.average(xs, weights=diff[ys, xs]) < x1
   assert y0 < np.average(ys, weights=diff[ys, xs]) < y1
-  from_frame = frame.invert(restore.canvas_to_frame(face, upscale))
-  corners = np.array([[0, 0], [128, 0], [0, 128], [128, 128]]) @ from_frame[:, :2].T + from_frame[:, 2]
+  placed = frame.corners(frame.invert(restore.canvas_to_frame(face, upscale)), 128, 128)
   outside = np.ones(diff.shape, bool)
-  (cx0, cy0), (cx1, cy1) = np.floor(corners.min(0)).astype(int), np.ceil(corners.max(0)).astype(int)
+  (cx0, cy0), (cx1, cy1) = np.floor(placed.min(0)).astype(int), np.ceil(placed.max(0)).astype(int)
   outside[max(cy0, 0):cy1, max(cx0, 0):cx1] = False
   assert outside.sum() > 0.5 * outside.size and np.all(diff[outside] == 0)
   assert 0.01 < np.abs(blurred - bicubic)[diff > 0].mean() < 0.1

@@ -99,16 +99,20 @@ def frame_side(a: np.ndarray, size: int) -> float:
   return size / math.sqrt(abs(np.linalg.det(a[:, :2])))
 
 
+def corners(a: np.ndarray, width: float, height: float) -> np.ndarray:
+  """(4, 2) edge coordinates of a width x height image's corners through the map `a`."""
+  box = np.array([[0, 0], [width, 0], [0, height], [width, height]], np.float64)
+  return box @ a[:, :2].T + a[:, 2]
+
+
 def warp(image: np.ndarray, a: np.ndarray, shape: tuple[int, int], edge: bool = True) -> np.ndarray:
-  """(H, W, C) float image through the map `a` into an (h, w, C) float32 image (Pillow
-  bicubic). Outside the source: its edge pixels repeated (`edge`) or zeros. Only the part
-  of the source the output sees is read, so a face of a large photo costs a face."""
-  image = np.asarray(image, np.float32)
+  """(H, W, C) image through the map `a` into an (h, w, C) float32 image (Pillow bicubic).
+  Outside the source: its edge pixels repeated (`edge`) or zeros. Only the part of the
+  source the output sees is read (and made float), so a face of a large photo costs a face."""
   h, w = shape
   to_src = invert(a)
   if edge:
-    corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], np.float64)
-    src = corners @ to_src[:, :2].T + to_src[:, 2]
+    src = corners(to_src, w, h)
     height, width = image.shape[:2]
     (x_lo, y_lo), (x_hi, y_hi) = np.floor(src.min(0)) - 3, np.ceil(src.max(0)) + 3
     cx0, cy0 = int(np.clip(x_lo, 0, width - 1)), int(np.clip(y_lo, 0, height - 1))
@@ -118,6 +122,7 @@ def warp(image: np.ndarray, a: np.ndarray, shape: tuple[int, int], edge: bool = 
     image = np.pad(image[cy0:cy1, cx0:cx1], ((pads[0], pads[1]), (pads[2], pads[3]), (0, 0)),
                    mode="edge")
     to_src = compose(translate(pads[2] - cx0, pads[0] - cy0), to_src)
+  image = np.asarray(image, np.float32)
   data = tuple(to_src.reshape(-1))
   return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), "F").transform(
       (w, h), Image.AFFINE, data=data, resample=Image.BICUBIC)) for c in range(image.shape[2])], -1)
@@ -138,10 +143,10 @@ def paste(canvas: np.ndarray, face: np.ndarray, to_face: np.ndarray, mask: np.nd
   (canvas -> face frame) puts it, weighted by `mask` (s, s); returns the region changed."""
   s = face.shape[0]
   from_face = invert(to_face)
-  corners = np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float64) @ from_face[:, :2].T + from_face[:, 2]
-  x0, y0 = np.maximum(np.floor(corners.min(0)), 0).astype(int)
-  x1 = int(min(np.ceil(corners[:, 0].max()), canvas.shape[1]))
-  y1 = int(min(np.ceil(corners[:, 1].max()), canvas.shape[0]))
+  placed = corners(from_face, s, s)
+  x0, y0 = np.maximum(np.floor(placed.min(0)), 0).astype(int)
+  x1 = int(min(np.ceil(placed[:, 0].max()), canvas.shape[1]))
+  y1 = int(min(np.ceil(placed[:, 1].max()), canvas.shape[0]))
   if x1 <= x0 or y1 <= y0:
     return (0.0, 0.0, 0.0, 0.0)
   into_region = compose(translate(-x0, -y0), from_face)

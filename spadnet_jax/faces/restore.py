@@ -8,11 +8,11 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from spadnet_jax.data import degrade
+from spadnet_jax.data import contract, degrade
 from spadnet_jax.faces import detect, frame
 from spadnet_jax.faces.dlib_models import FaceModels
 
-HR_SIZE = 128
+HR_SIZE = contract.HR_SIZE
 
 
 @dataclasses.dataclass
@@ -33,7 +33,6 @@ def plan(models: FaceModels, image: np.ndarray, *, scale: int, lr_kernel: str = 
   """Detect, check and align every face of an (H, W, 3) uint8 photo; each usable face gets
   its LR input: the aligned face degraded exactly as training degraded HR faces."""
   faces = []
-  photo = np.asarray(image, np.float32) / 255.0
   for i, det in enumerate(detect.find_faces(models, image, max_upsample), 1):
     to_frame = frame.aligned_frame(det.landmarks, HR_SIZE)
     face = Face(i, det, to_frame, frame.frame_side(to_frame, HR_SIZE))
@@ -47,7 +46,7 @@ def plan(models: FaceModels, image: np.ndarray, *, scale: int, lr_kernel: str = 
       face.problem = (f"too large: {face.side:.0f} px, over --max_face {max_face:g} "
                       "(its LR input would discard more than the model restores)")
     if face.problem is None:
-      aligned = np.clip(frame.warp(photo, to_frame, (HR_SIZE, HR_SIZE)), 0, 1)
+      aligned = np.clip(frame.warp(image, to_frame, (HR_SIZE, HR_SIZE)) / 255.0, 0, 1)
       face.lr, face.lr_up = degrade.degrade(aligned, scale, lr_kernel)
     faces.append(face)
   return faces
