@@ -44,13 +44,14 @@ def make_eval_step(model: SPADNet, crop: int = 8, score: str = "float") -> Calla
 def jit_eval_step(model: SPADNet, mesh: jax.sharding.Mesh, crop: int = 8, score: str = "float",
                   variables_sharding: Any = None) -> Callable:
   """make_eval_step jitted over `mesh`: the batch split over both mesh axes, the variables
-  stored as `variables_sharding` (replicated by default) and gathered whole for the model,
-  the outputs replicated."""
+  stored as `variables_sharding` (replicated by default) and placed for the model as the
+  train step places them (sharding.gathered_params), the outputs replicated."""
   rep = sharding.replicated(mesh)
   step = make_eval_step(model, crop, score)
-  if variables_sharding is not None:
+  gathered = sharding.gathered_params(mesh)
+  if gathered is not None:
     step = lambda variables, batch, inner=step: inner(
-        jax.lax.with_sharding_constraint(variables, rep), batch)
+        jax.lax.with_sharding_constraint(variables, gathered), batch)
   return jax.jit(step,
                  in_shardings=(variables_sharding or rep, sharding.batch_sharding(mesh)),
                  out_shardings=rep)

@@ -34,6 +34,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def gathered_params(mesh: Mesh) -> NamedSharding | None:
+  """Where parameters sit while the model computes: gathered whole (replicated) when the
+  mesh shards them (fsdp > 1; left alone, XLA splits the activations by channel instead,
+  docs/performance.md), else None (as stored). The train and eval steps both follow it."""
+  return replicated(mesh) if mesh.shape["fsdp"] > 1 else None
+
+
 def _fsdp_spec(shape: tuple[int, ...], size: int, min_size: int) -> P:
   """Shard the largest axis divisible by the fsdp size; small arrays stay replicated."""
   if size == 1 or int(np.prod(shape)) < min_size:

@@ -71,9 +71,8 @@ def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
   norm and the updated parameters' norm are finite; Adam's moments and the EMA are then
   convex combinations of finite values, so the whole new state is finite.
 
-  `compute_params_sharding` (e.g. replicated): where the parameters are while the model
-  runs. FSDP stores them sharded and gathers them whole for the forward and backward
-  passes; left to itself, XLA split the activations by channel instead (docs/performance.md).
+  `compute_params_sharding` (sharding.gathered_params): where the parameters are while the
+  model runs; None leaves them as stored.
   """
   metrics_cls = train_metrics(loss_terms)
 

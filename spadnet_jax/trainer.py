@@ -84,9 +84,9 @@ def lower_train_step(cfg: ml_collections.ConfigDict, model: SPADNet,
   FSDP parameters gathered whole for the computation) and lowered for a global batch of
   config.batch_size; .compile() gives the executable."""
   batch_sharding = sharding.batch_sharding(mesh)
-  gathered = sharding.replicated(mesh) if mesh.shape["fsdp"] > 1 else None
   return jax.jit(
-      make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay, gathered),
+      make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay,
+                      sharding.gathered_params(mesh)),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0).lower(abstract, contract.batch_spec(cfg.batch_size, model.scale,
