@@ -74,11 +74,17 @@ def release_host_memory() -> None:
 
 
 def quiet_native_logs(argv: Sequence[str]) -> None:
-  """Hide TensorFlow's C++ start-up notices (oneDNN and the like; TensorBoard writing
-  imports TensorFlow) unless the command line asks for --verbosity or the user set
-  TF_CPP_MIN_LOG_LEVEL."""
+  """Hide TensorFlow's C++ start-up notices (TensorBoard writing imports TensorFlow) unless
+  the command line asks for --verbosity; values the user set are kept.
+
+  TF_CPP_MIN_LOG_LEVEL hides most of them, but not the oneDNN notice (and the absl line
+  before it) that TensorFlow 2.21 prints at import on CPUs where it turns oneDNN on: only
+  TF_ENABLE_ONEDNN_OPTS=0 does. TensorFlow computes nothing here (it writes events), so
+  its oneDNN kernels are not needed.
+  """
   if not any(a.startswith(("--verbosity", "-v=")) for a in argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 # What libtpu asks a TPU VM's metadata server for, as placeholders on a machine without
