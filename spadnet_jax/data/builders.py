@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 from typing import Any, Iterator
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from spadnet_jax.data import landmarks as lmk
 from spadnet_jax.data import synthetic
 from spadnet_jax.faces import frame
+from spadnet_jax.untrusted import images, pickles
 from spadnet_jax.data.contract import HR_SIZE
 
 
@@ -106,22 +106,21 @@ def _read_landmarks(entry: Any, path: str) -> tuple[np.ndarray, np.ndarray | Non
   return points, None if bbox is None else np.asarray(bbox, np.float32)
 
 
-def load_face(path: str, entry: Any) -> tuple[np.ndarray, np.ndarray, str]:
+def load_face(path: str, entry: Any,
+              max_pixels: float = images.MAX_PIXELS) -> tuple[np.ndarray, np.ndarray, str]:
   """Read one HR face, its landmarks and the file's colour mode, cropping to the bbox when
   the entry has one.
 
   With a bbox (DIC's layout: full-image landmarks) the crop is resized to 128x128 with
   Pillow's bicubic and the landmarks follow; without, the image must already be 128x128.
-  Grayscale, palette and RGBA files are converted to RGB (alpha dropped).
+  Grayscale, palette, RGBA and 16-bit files are converted to 8-bit RGB (alpha dropped).
+  A file whose header declares more than `max_pixels` is refused before decoding.
   """
   points, bbox = _read_landmarks(entry, path)
   try:
-    with Image.open(path) as im:
-      im.load()
-      mode = im.mode
-      image = im.convert("RGB")
-  except Exception as e:  # Pillow raises several types for corrupt files.
-    raise BadExample(f"{path}: unreadable or truncated image ({e})") from e
+    image, mode, _ = images.load_rgb(path, max_pixels, "config.data.max_image_pixels")
+  except ValueError as e:
+    raise BadExample(str(e)) from None
   if bbox is not None:
     x0, y0, x1, y1 = (float(v) for v in bbox)
     if x1 <= x0 or y1 <= y0:
@@ -156,8 +155,10 @@ class FaceFolder(_PreparedOnce, tfds.core.GeneratorBasedBuilder):
     <manual_dir>/test/HR/*.png and <manual_dir>/test/landmark.pkl
   """
 
-  def __init__(self, *, skip_bad_examples: bool = False, **kwargs: Any):
+  def __init__(self, *, skip_bad_examples: bool = False, max_image_pixels: float = images.MAX_PIXELS,
+               **kwargs: Any):
     self.skip_bad_examples = skip_bad_examples
+    self.max_image_pixels = max_image_pixels
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -179,17 +180,19 @@ class FaceFolder(_PreparedOnce, tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, hr_dir: str, pkl: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-      with open(pkl, "rb") as f:
-        table = pickle.load(f)
-    except Exception as e:
-      raise BadExample(f"{pkl}: cannot be read as a landmark pickle ({e})") from e
+      table = pickles.load(pkl)
+    except (ValueError, OSError) as e:
+      raise BadExample(str(e)) from None
+    if not isinstance(table, dict):
+      raise BadExample(f"{pkl}: holds a {type(table).__name__}, not a dict of file name -> "
+                       "landmarks")
     skipped, converted = [], collections.Counter()
     for name in sorted(n for n in os.listdir(hr_dir) if n.lower().endswith((".png", ".jpg"))):
       path = os.path.join(hr_dir, name)
       try:
         if name not in table:
           raise BadExample(f"{path}: no entry for {name!r} in {pkl}")
-        image, points, mode = load_face(path, table[name])
+        image, points, mode = load_face(path, table[name], self.max_image_pixels)
       except BadExample as e:
         if not self.skip_bad_examples:
           raise
