@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import sys
 import time
 from typing import Any, Iterable, Iterator
@@ -30,10 +31,12 @@ from PIL import Image
 
 from spadnet_jax import files
 from spadnet_jax.faces import detect, dlib_models, frame, photo_sets
+from spadnet_jax.untrusted import images
 
 HR_SIZE = 128   # data.contract.HR_SIZE; not imported, so that workers start without JAX
 WORK = ".prepare"
 REPORT = "prepare_report.tsv"
+WRITTEN = "written.json"   # in WORK: every file prepare wrote outside WORK, relative to the output
 VERSION = 1   # of the per-photo records; a change invalidates earlier ones
 
 
@@ -88,9 +91,10 @@ def prepare_one(models: dlib_models.FaceModels, root: str, name: str, staging: s
   path = os.path.join(root, name)
   record = {"name": name, "out": output_name(name), "stat": _stat(path), "version": VERSION}
   try:
-    face, points = crop_face(models, photo_sets.load_photo(path), settings, annotated)
-  except ValueError as e:
-    return {**record, "status": "skipped", "reason": str(e)}
+    photo = photo_sets.load_photo(path, settings["max_pixels"])
+    face, points = crop_face(models, photo, settings, annotated)
+  except ValueError as e:      # the report names the photo: its reason need not
+    return {**record, "status": "skipped", "reason": str(e).removeprefix(f"{path}: ")}
   out = os.path.join(staging, record["out"])
   with files.atomic_path(out) as tmp:
     Image.fromarray(face).save(tmp, format="PNG")
@@ -163,7 +167,7 @@ def _check_settings(work: str, settings: dict[str, Any]) -> None:
   if os.path.isfile(path):
     with open(path) as f:
       before = json.load(f)
-    changed = [k for k in settings if before.get(k) != settings[k]]
+    changed = [k for k in settings if before.get(k, settings[k]) != settings[k]]  # new keys pass
     if changed:
       k = changed[0]
       raise ValueError(f"{os.path.dirname(work)} was prepared with {k}={before.get(k)!r}, not "
@@ -188,9 +192,60 @@ def _run(todo: list[tuple[str, frame.Box | None]], workers: int, detector: str, 
     yield from pool.map(_work, todo, chunksize=max(1, min(16, len(todo) // (8 * workers))))
 
 
+# --- what prepare owns in its output -------------------------------------------------------
+
+_TEMPORARY = re.compile(r"\.tmp-\d+(\.[^./]*)?$")   # files.atomic_path's, left by a killed run
+
+
+def owned(output: str) -> set[str]:
+  """The files (relative to `output`) that prepare wrote there: its WRITTEN record, or for a
+  folder prepared before that record was kept, the faces its per-photo records name, each
+  split's landmark.pkl and the report."""
+  path = os.path.join(output, WORK, WRITTEN)
+  if os.path.isfile(path):
+    with open(path) as f:
+      names = json.load(f)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+      raise ValueError(f"{path} is damaged: expected a list of file names")
+    return set(names)
+  if not os.path.isfile(os.path.join(output, WORK, "settings.json")):
+    return set()
+  faces = {r["out"] for r in read_records(os.path.join(output, WORK, "records.jsonl")).values()
+           if r.get("status") == "ok"}
+  mine = {REPORT}
+  for split in os.listdir(output):
+    if os.path.isdir(os.path.join(output, split, "HR")):
+      mine |= {f"{split}/landmark.pkl"} | {f"{split}/HR/{n}" for n in faces}
+  return mine
+
+
+def foreign_files(output: str, mine: set[str]) -> list[str]:
+  """Files under `output` that are not in `mine` (prepare's own), its work folder aside."""
+  if not os.path.isdir(output):
+    return []
+  found = []
+  for folder, dirs, names in os.walk(output):
+    rel_folder = os.path.relpath(folder, output)
+    if rel_folder == ".":
+      dirs[:] = [d for d in dirs if d != WORK]
+    for name in names:
+      rel = os.path.normpath(os.path.join(rel_folder, name))
+      if rel not in mine and _TEMPORARY.sub(r"\1", rel) not in mine:
+        found.append(rel)
+  return sorted(found)
+
+
+def _record_owned(output: str, names: set[str]) -> None:
+  with files.atomic_path(os.path.join(output, WORK, WRITTEN)) as tmp, open(tmp, "w") as f:
+    json.dump(sorted(names), f, indent=0)
+
+
 def assemble(output: str, records: Iterable[dict[str, Any]], splits: dict[str, str]) -> dict[str, int]:
   """Link the prepared faces into <split>/HR, write each split's landmark.pkl and the report;
-  faces no longer in a split are removed from it. Returns the count per split."""
+  faces no longer in a split are removed from it. Only files an earlier run of prepare
+  wrote are ever removed or replaced (WRITTEN names them; files of the same names that
+  someone else wrote survive unless the caller checked --overwrite). Returns the count
+  per split."""
   staging = os.path.join(output, WORK, "faces")
   by_split: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   rows = []
@@ -202,8 +257,11 @@ def assemble(output: str, records: Iterable[dict[str, Any]], splits: dict[str, s
         by_split[split][r["out"]] = np.asarray(r["landmarks"], np.float32)
     else:
       rows.append(f"{r['name']}\tskipped\t{r['reason']}")
-  names = set(by_split) | {"train", "test"} | {s for s in os.listdir(output)
-                                             if os.path.isfile(os.path.join(output, s, "landmark.pkl"))}
+  before = owned(output)
+  names = set(by_split) | {"train", "test"} | {n.split("/")[0] for n in before if "/" in n}
+  planned = {REPORT} | {f"{s}/landmark.pkl" for s in names} | {
+      f"{s}/HR/{out}" for s in names for out in by_split.get(s, {})}
+  _record_owned(output, before | planned)        # before writing: a killed run still owns them
   for split in sorted(names):
     hr = os.path.join(output, split, "HR")
     os.makedirs(hr, exist_ok=True)
@@ -218,20 +276,32 @@ def assemble(output: str, records: Iterable[dict[str, Any]], splits: dict[str, s
         except OSError:
           import shutil  # pylint: disable=import-outside-toplevel
           shutil.copyfile(src, tmp)
-    for stale in set(os.listdir(hr)) - set(wanted):
-      if stale.endswith(".png"):
-        os.remove(os.path.join(hr, stale))
     with files.atomic_path(os.path.join(output, split, "landmark.pkl")) as tmp, open(tmp, "wb") as f:
       pickle.dump(dict(sorted(wanted.items())), f)
+  for stale in sorted(before - planned):             # faces this run no longer places
+    path = os.path.join(output, stale)
+    if os.path.isfile(path):
+      os.remove(path)
+  for folder, _, names_here in os.walk(output):      # what a killed run of ours left half-written
+    for name in names_here:
+      rel = os.path.relpath(os.path.join(folder, name), output)
+      if rel != _TEMPORARY.sub(r"\1", rel) and _TEMPORARY.sub(r"\1", rel) in planned | before:
+        os.remove(os.path.join(folder, name))
   with files.atomic_path(os.path.join(output, REPORT)) as tmp, open(tmp, "w") as f:
     f.write("photo\tstatus\tsplit or reason\n" + "".join(r + "\n" for r in rows))
+  _record_owned(output, planned)
   return {s: len(by_split.get(s, {})) for s in sorted(names)}
 
 
 def prepare(input_dir: str, output: str, *, split: str = "train=0.9,test=0.1", seed: int = 0,
             detector: str = "hog", workers: int = 1, min_face: int = 64,
-            expand: float = frame.EXPAND, max_upsample: int = 1) -> dict[str, int]:
-  """Prepare `input_dir` into `output` (resuming earlier work there); the count per split."""
+            expand: float = frame.EXPAND, max_upsample: int = 1,
+            max_pixels: float = images.MAX_PIXELS, overwrite: bool = False) -> dict[str, int]:
+  """Prepare `input_dir` into `output` (resuming earlier work there); the count per split.
+
+  An `output` holding files prepare did not write is refused unless `overwrite`; even then
+  prepare replaces only the files of the names it writes and removes only its own.
+  """
   fractions = photo_sets.parse_fractions(split)
   if detector not in dlib_models.DETECTORS:
     raise ValueError(f"--detector {detector!r}: use one of {', '.join(dlib_models.DETECTORS)}")
@@ -239,15 +309,25 @@ def prepare(input_dir: str, output: str, *, split: str = "train=0.9,test=0.1", s
     raise ValueError(f"--min_face {min_face}: must be at least 1 px")
   if not 0 <= expand <= 3:
     raise ValueError(f"--expand {expand}: must be between 0 and 3")
+  if max_pixels < 1:
+    raise ValueError(f"--max_pixels {max_pixels:g}: must be at least 1")
   dlib_models.model_path(dlib_models.LANDMARKS_FILE)    # the extra is there, before any work
   photos = photo_sets.recognise(input_dir, exclude=output)
   print(f"input: {photos.describe()}", flush=True)
   settings = {"kind": photos.kind, "detector": detector, "min_face": min_face,
-              "expand": expand, "max_upsample": max_upsample}
+              "expand": expand, "max_upsample": max_upsample, "max_pixels": max_pixels}
   work = os.path.join(output, WORK)
   if os.path.exists(output) and not os.path.isdir(output):
     raise NotADirectoryError(f"--output {output} is a file; give a folder")
+  mine = owned(output)
+  foreign = foreign_files(output, mine)
+  if foreign and not overwrite:
+    raise FileExistsError(
+        f"--output {output} holds {len(foreign):,} files prepare did not make (e.g. "
+        f"{foreign[0]}): choose a new or empty folder, or add --overwrite to write into it "
+        "(files of the names prepare writes are then replaced; nothing else is removed)")
   _check_settings(work, settings)
+  _record_owned(output, mine)    # from here on the record, never the legacy guess, says
   staging = os.path.join(work, "faces")
   os.makedirs(staging, exist_ok=True)
   log = os.path.join(work, "records.jsonl")
@@ -304,11 +384,18 @@ def main(argv: list[str]) -> int:
                  help="margin added to the face square, as a fraction of its side (DIC: 0.3)")
   p.add_argument("--max_upsample", type=int, default=1,
                  help="doublings of the photo for the detector's small-face pass")
+  p.add_argument("--max_pixels", type=float, default=images.MAX_PIXELS,
+                 help="photos whose header declares more pixels are skipped before decoding "
+                      "(and listed in the report)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="write into an --output that holds files prepare did not make (those "
+                      "of the names it writes are replaced; nothing else is removed)")
   p.add_argument("--verbosity", type=int, default=0, help="1: tracebacks")
   a = p.parse_args(argv)
   try:
     prepare(a.input, a.output, split=a.split, seed=a.seed, detector=a.detector,
-            workers=a.workers, min_face=a.min_face, expand=a.expand, max_upsample=a.max_upsample)
+            workers=a.workers, min_face=a.min_face, expand=a.expand, max_upsample=a.max_upsample,
+            max_pixels=a.max_pixels, overwrite=a.overwrite)
   except (ValueError, OSError, dlib_models.MissingExtra) as e:
     if a.verbosity >= 1:
       raise
