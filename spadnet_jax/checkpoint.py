@@ -31,6 +31,7 @@ from spadnet_jax.models import SPADNet
 Report = Callable[[str], None]
 
 CHECKSUMS = "checksums.json"
+MAX_PARAMETERS = 1_000_000_000   # 4 GB of float32; the paper's model has 7.6 million
 
 
 class DamagedCheckpoint(ValueError):
@@ -476,7 +477,12 @@ def load_model(path: str, step: int | None = None, shardings: Any = None,
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def restore(s: int) -> tuple[SPADNet, Any]:
+    where = os.path.join(directory, str(s), "params")
     model = models.from_config(_read_config(mngr, s), **overrides)
+    meta = mngr.item_metadata(s)["params"]
+    if meta is None:
+      raise DamagedCheckpoint(f"checkpoint {where} is corrupt or unreadable: no parameter metadata")
+    check_structure(model, meta, where)        # before tracing a configuration from a file
     abstract = abstract_variables(model)
     if isinstance(shardings, jax.sharding.Sharding):
       abstract = jax.tree_util.tree_map(
@@ -484,10 +490,6 @@ def load_model(path: str, step: int | None = None, shardings: Any = None,
     else:
       abstract = jax.tree_util.tree_map(
           lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    where = os.path.join(directory, str(s), "params")
-    meta = mngr.item_metadata(s)["params"]
-    if meta is None:
-      raise DamagedCheckpoint(f"checkpoint {where} is corrupt or unreadable: no parameter metadata")
     check_tree_matches(abstract, meta, where)
     restored = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     check_finite(restored["params"], f"checkpoint {where}")
@@ -501,6 +503,33 @@ def load_model(path: str, step: int | None = None, shardings: Any = None,
 def abstract_variables(model: SPADNet) -> Any:
   """Shapes and dtypes of the model's variables, computed without allocating them."""
   return jax.eval_shape(model.init, jax.random.key(0), model.example_input())
+
+
+def check_structure(model: SPADNet, stored: Any, where: str) -> None:
+  """ValueError when the stored variables' top-level modules are not the ones `model`'s
+  configuration builds (block counts, branches), or their declared sizes exceed
+  MAX_PARAMETERS: checked from metadata alone, before the configuration is traced or any
+  array allocated, since both come from a file anyone may edit."""
+  params = stored.get("params") if hasattr(stored, "get") else None
+  if not hasattr(params, "keys"):
+    raise ValueError(f"checkpoint {where} holds no 'params' collection")
+  expected, found = model.submodule_names(), {str(k) for k in params.keys()}
+  if expected != found:
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    raise ValueError(
+        f"checkpoint {where} does not match its model configuration (scale {model.scale}, "
+        f"number {model.number}, hab_num {model.num_habs}, heatmap_branch "
+        f"{model.heatmap_branch}): {len(missing)} modules missing {missing[:3]}, "
+        f"{len(extra)} unexpected {extra[:3]}")
+  declared = 0
+  for _, leaf in jax.tree_util.tree_leaves_with_path(params):
+    shape = tuple(getattr(leaf, "shape", None) or ())
+    if not all(isinstance(n, int) and n >= 0 for n in shape):
+      raise ValueError(f"checkpoint {where} declares a parameter of shape {shape}")
+    declared += int(np.prod(shape, dtype=np.float64))
+  if declared > MAX_PARAMETERS:
+    raise ValueError(f"checkpoint {where} declares {declared:,.0f} parameters, over the "
+                     f"{MAX_PARAMETERS:,} a SPADNet may have here")
 
 
 def check_tree_matches(expected: Any, found: Any, where: str) -> None:

@@ -15,6 +15,12 @@ from spadnet_jax.models.remat import remat_call
 SCALES = (4, 8, 16)
 NUM_HEATMAPS = 5
 REMAT = ("none", "rcab", "all")
+# Upper bounds on the sizes a configuration may ask for: sixteen times the paper's (64
+# features, 6 blocks), past any model a 16x16 face needs. A configuration read from a file
+# (a checkpoint's, a converter's) is checked against them before anything is traced, so an
+# edited `number: 1000000` is one line, not minutes of tracing.
+MAX_FEATS = 1024
+MAX_BLOCKS = 96
 
 
 class SPADNet(nn.Module):
@@ -76,15 +82,28 @@ class SPADNet(nn.Module):
 
   def check(self) -> None:
     """Raise ValueError naming the first invalid field (run once, when the model is built)."""
+    for name in ("scale", "n_feats", "number", "reduction") + ("hab_num",) * (self.hab_num is not None):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"SPADNet.{name} must be an integer, got {value!r}")
+    for name in ("use_lsac", "use_gsac", "heatmap_branch"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"SPADNet.{name} must be true or false, got {getattr(self, name)!r}")
+    for name in ("pac_kernel", "pac_impl", "gsac_gate"):
+      if not isinstance(getattr(self, name), str):
+        raise ValueError(f"SPADNet.{name} must be a name, got {getattr(self, name)!r}")
     if self.scale not in SCALES:
       raise ValueError(f"SPADNet.scale must be one of {SCALES}, got {self.scale}")
-    if self.number < 1:
-      raise ValueError(f"SPADNet.number must be >= 1, got {self.number}")
+    if not 1 <= self.number <= MAX_BLOCKS:
+      raise ValueError(f"SPADNet.number must be in [1, {MAX_BLOCKS}], got {self.number}")
     if not 0 <= self.num_habs <= self.number - 1:
       raise ValueError(f"SPADNet.hab_num must be in [0, number-1={self.number - 1}], "
                        f"got {self.hab_num}")
-    if self.n_feats < 1:
-      raise ValueError(f"SPADNet.n_feats must be >= 1, got {self.n_feats}")
+    if not 1 <= self.n_feats <= MAX_FEATS:
+      raise ValueError(f"SPADNet.n_feats must be in [1, {MAX_FEATS}], got {self.n_feats}")
+    if not 1 <= self.reduction <= self.n_feats:
+      raise ValueError(f"SPADNet.reduction must be in [1, n_feats={self.n_feats}], "
+                       f"got {self.reduction}")
     if self.pac_kernel not in ops.KERNELS:
       raise ValueError(f"SPADNet.pac_kernel must be one of {sorted(ops.KERNELS)}, "
                        f"got {self.pac_kernel!r}")
@@ -95,6 +114,17 @@ class SPADNet(nn.Module):
       raise ValueError(f"SPADNet.remat must be one of {REMAT}, got {self.remat!r}")
     if self.gsac_gate not in ("official", "channel"):
       raise ValueError(f"SPADNet.gsac_gate must be 'official' or 'channel', got {self.gsac_gate!r}")
+
+  def submodule_names(self) -> set[str]:
+    """The names __call__ gives its top-level submodules, so stored parameters can be
+    checked against a configuration before anything is traced."""
+    names = {"head", "sr_out"} | ({"hm_out"} if self.heatmap_branch else set())
+    for s in range(1, self.num_stages + 1):
+      names |= {f"stage{s}_sr{i}" for i in range(self.number)} | {f"stage{s}_sr_up"}
+      names |= {f"stage{s}_hab{i}" for i in range(self.num_habs)}
+      if self.heatmap_branch:
+        names |= {f"stage{s}_hm{i}" for i in range(self.number)} | {f"stage{s}_hm_up"}
+    return names
 
   @property
   def hab_options(self) -> HabOptions:
