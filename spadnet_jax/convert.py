@@ -20,6 +20,7 @@ from flax import traverse_util
 
 from spadnet_jax import files, models
 from spadnet_jax.models import SPADNet
+from spadnet_jax.untrusted import arrays
 
 _RCAB = {"conv1": "body.0", "conv2": "body.2", "attention/reduce": "body.3.conv_du.0",
          "attention/expand": "body.3.conv_du.2"}
@@ -146,13 +147,7 @@ def load_state_dict(source: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"state dict {path} does not exist")
   if path.endswith(".npz"):
-    try:
-      with np.load(path) as data:
-        return unwrap_state_dict({k: data[k] for k in data.files}, path)
-    except (OSError, ValueError) as e:
-      if "SPADNet" in str(e):
-        raise
-      raise ValueError(f"{path} cannot be read as an .npz of arrays ({type(e).__name__})") from e
+    return unwrap_state_dict(arrays.load_npz(path), path)
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -164,6 +159,19 @@ def load_state_dict(source: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} cannot be read as a PyTorch checkpoint of tensors "
                      f"({type(e).__name__}); give an official .pth/.pt or an .npz") from e
   return unwrap_state_dict(obj, path)
+
+
+def _block_count(sd: Mapping[str, np.ndarray], branch: str) -> int:
+  """How many blocks the keys `<branch><stage>.<i>.` number, when they are numbered 0..n-1
+  (a gap, such as one stray key for block 99999, is an error naming it: the count is
+  never taken from the largest index alone)."""
+  found = sorted({int(m.group(1)) for k in sd if (m := re.match(rf"{branch}\d+\.(\d+)\.", k))})
+  if found and found[-1] != len(found) - 1:
+    gap = next(i for i, n in enumerate(found) if n != i)
+    key = next(k for k in sorted(sd) if re.match(rf"{branch}\d+\.{found[gap]}\.", k))
+    raise ValueError(f"official state dict has {key} but no {branch} block {gap}: blocks "
+                     "must be numbered 0 to n-1")
+  return len(found)
 
 
 def infer_model_fields(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -180,13 +188,11 @@ def infer_model_fields(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
                      "not 3*scale**2")
   reduce_keys = sorted(k for k in sd if k.endswith("body.3.conv_du.0.weight"))
   reduced = sd[reduce_keys[0]].shape[0] if reduce_keys else None
-  rcab = {int(m.group(1)) for k in sd if (m := re.match(r"SR_branch\d+\.(\d+)\.", k))}
-  habs = {int(m.group(1)) for k in sd if (m := re.match(r"hab_branch\d+\.(\d+)\.", k))}
   return dict(
       scale=scale,
       n_feats=int(head.shape[0]),
-      number=max(rcab) + 1 if rcab else 0,
-      hab_num=max(habs) + 1 if habs else 0,
+      number=_block_count(sd, "SR_branch"),
+      hab_num=_block_count(sd, "hab_branch"),
       reduction=int(head.shape[0]) // reduced if reduced else 16,
       pac_kernel="inverse" if any(k.endswith("pacconv1.inv_alpha") for k in sd) else "gaussian",
       use_lsac=any(".pacconv1." in k for k in sd) or not habs,
@@ -205,6 +211,12 @@ def from_official(state_dict_or_path: str | Mapping[str, Any], strict: bool = Tr
   reports them as a warning.
   """
   sd = load_state_dict(state_dict_or_path)
+  nonfinite = sorted(k for k, v in sd.items()
+                     if np.asarray(v).dtype.kind in "fc" and not np.isfinite(v).all())
+  if nonfinite:
+    raise ValueError(f"official state dict holds non-finite values (NaN or inf) in "
+                     f"{nonfinite[0]}{f' and {len(nonfinite) - 1} more keys' if len(nonfinite) > 1 else ''}"
+                     ": refusing to convert damaged weights")
   inferred = infer_model_fields(sd)
   for name, value in model_fields.items():
     if name in inferred and value != inferred[name]:
