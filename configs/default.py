@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment_flip = True        # random horizontal flips (landmarks relabelled)
   c.data.augment_rot90 = False      # random multiples of 90 degrees
   c.data.skip_bad_examples = False  # face_folder: skip unreadable or bad files (counted)
+  c.data.max_image_pixels = 100_000_000  # face_folder: larger images refused from their header
   c.data.num_threads = 2            # grain reader threads
   c.data.prefetch = 4               # batches prepared ahead
 

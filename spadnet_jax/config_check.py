@@ -67,6 +67,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ValueError(f"config.optimizer.{name}={v!r} must be in [0, 1)")
   non_negative_finite("optimizer.grad_clip", o.grad_clip)
   non_negative_finite("heatmap_loss_weight", cfg.heatmap_loss_weight)
+  _positive_finite("data.max_image_pixels", cfg.data.max_image_pixels)
   for e in o.decay_epochs:
     if not _is_number(e) or not math.isfinite(e) or e < 0:
       raise ValueError(f"config.optimizer.decay_epochs holds {e!r}; epochs must be finite and >= 0")

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import ml_collections
 import tensorflow_datasets as tfds
 
+from spadnet_jax.untrusted import images
+
 RECORD = "provenance.json"
 
 
@@ -39,6 +41,7 @@ def describe(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   if cfg.name.startswith("face_folder"):
     out.update(manual_dir=os.path.abspath(manual_dir) if manual_dir else None,
                skip_bad_examples=bool(cfg.get("skip_bad_examples", False)),
+               max_image_pixels=float(cfg.get("max_image_pixels", images.MAX_PIXELS)),
                fingerprint=fingerprint(manual_dir))
   return out
 
@@ -65,7 +68,7 @@ def check(builder: tfds.core.DatasetBuilder, cfg: ml_collections.ConfigDict) -> 
   with open(path) as f:
     built = json.load(f)
   wanted = describe(cfg)
-  differ = [k for k in wanted if built.get(k) != wanted[k]]
+  differ = [k for k in wanted if k in built and built[k] != wanted[k]]   # a newer setting passes
   if differ:
     both = "; ".join(f"{k}: built {built.get(k)!r}, now {wanted[k]!r}" for k in differ)
     raise ValueError(

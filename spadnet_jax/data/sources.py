@@ -19,6 +19,7 @@ from PIL import Image
 from spadnet_jax.data import builders  # noqa: F401  (registers the tfds builders)
 from spadnet_jax.data import contract, landmarks as lmk, provenance
 from spadnet_jax.registry import Registry
+from spadnet_jax.untrusted import images
 
 Splits = Mapping[str, Sequence[dict[str, Any]]]
 Loader = Callable[[ml_collections.ConfigDict], Splits]
@@ -152,7 +153,8 @@ def synthetic_faces(cfg: ml_collections.ConfigDict) -> Splits:
 def face_folder(cfg: ml_collections.ConfigDict) -> Splits:
   """CelebA or Helen in the DIC/SPADNet folder layout under config.data.manual_dir."""
   builder = load_builder(cfg, file_format="array_record",
-                         skip_bad_examples=bool(cfg.get("skip_bad_examples", False)))
+                         skip_bad_examples=bool(cfg.get("skip_bad_examples", False)),
+                         max_image_pixels=float(cfg.get("max_image_pixels", images.MAX_PIXELS)))
   return _TfdsSplits(builder, cfg.name)
 
 

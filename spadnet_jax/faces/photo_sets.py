@@ -11,7 +11,9 @@ import hashlib
 import os
 import re
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from spadnet_jax.untrusted import images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # also predict's
 # DIC's counts (CelebA) and FSRNet's (Helen), after their landmark checks.
@@ -34,14 +36,11 @@ class PhotoSet:
     return f"{what}: {len(self.images):,} images under {self.root}"
 
 
-def load_photo(path: str) -> Image.Image:
-  """An RGB photo, upright by its EXIF orientation; ValueError for an unreadable file."""
-  try:
-    with Image.open(path) as im:
-      im.load()
-      return ImageOps.exif_transpose(im).convert("RGB")
-  except Exception as e:  # Pillow raises several types for damaged files
-    raise ValueError(f"unreadable image ({e})") from e
+def load_photo(path: str, max_pixels: float = images.MAX_PIXELS,
+               limit: str = "--max_pixels") -> Image.Image:
+  """An 8-bit RGB photo, upright by its EXIF orientation; ValueError naming the file when it
+  is unreadable or its header declares more than `max_pixels` (`limit` names the setting)."""
+  return images.load_rgb(path, max_pixels, limit, upright=True).image
 
 
 def _find(names: tuple[str, ...], folders: list[str]) -> str | None:
