@@ -27,13 +27,17 @@ import sys
 
 import jax
 import numpy as np
-from PIL import Image
 
 from spadnet_jax import checkpoint, visualize
 from spadnet_jax.data import contract, degrade
 from spadnet_jax.faces import photo_sets
+from spadnet_jax.untrusted import images
 
 MAX_OUTPUT_PIXELS = 100e6   # --faces: an enlarged photo (held as float32 while faces go in)
+# --max_pixels' defaults: an aligned face image is reduced to the LR size in float32, so 16
+# megapixels (4096x4096) already take 0.2 GB; a whole photo for --faces may be larger.
+MAX_FACE_PIXELS = 16e6
+MAX_PHOTO_PIXELS = images.MAX_PIXELS
 
 
 def list_inputs(path: str) -> list[str]:
@@ -60,6 +64,25 @@ def output_names(paths: list[str]) -> dict[str, str]:
   return names
 
 
+def _inside(path: str, folder: str) -> bool:
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output(inputs: str, files: list[str], output: str, written: list[str]) -> None:
+  """Refuse an --output that is (or lies inside) the --input folder, or where a file to be
+  written (`written`, names relative to the output) is one of the input files: nothing
+  the user gave is ever written over."""
+  if os.path.isdir(inputs) and _inside(output, inputs):
+    raise ValueError(f"--output {output} is inside --input {inputs}: the results would mix "
+                     "with (and could replace) the input images; choose a folder outside it")
+  sources = {os.path.realpath(f) for f in files}
+  clash = next((n for n in written if os.path.realpath(os.path.join(output, n)) in sources), None)
+  if clash:
+    raise ValueError(f"--output {output}: writing {clash} would replace the input image "
+                     f"{os.path.join(output, clash)}; choose another --output")
+
+
 def prepare_output(path: str) -> None:
   """Create the output folder, or fail naming it, before any model is loaded."""
   if os.path.exists(path) and not os.path.isdir(path):
@@ -72,28 +95,25 @@ def prepare_output(path: str) -> None:
     raise PermissionError(f"--output {path} is not writable")
 
 
-def load_lr(path: str, lr_size: int, lr_kernel: str = "pil") -> tuple[np.ndarray, str | None]:
+def load_lr(path: str, lr_size: int, lr_kernel: str = "pil",
+            max_pixels: float = MAX_FACE_PIXELS) -> tuple[np.ndarray, str | None]:
   """(lr_size, lr_size, 3) float image and a note when it had to be reduced.
 
-  Raises ValueError naming the file for unreadable or non-square images.
+  Raises ValueError naming the file for unreadable or non-square images, and for images
+  whose header declares more than `max_pixels` (a larger JPEG is decoded reduced instead).
   """
-  try:
-    with Image.open(path) as im:
-      im.load()
-      img = im.convert("RGB")
-  except Exception as e:
-    raise ValueError(f"{path}: unreadable image ({e})") from e
+  img, _, decoded = images.load_rgb(path, max_pixels, "--max_pixels", min_side=lr_size)
   w, h = img.size
   if w != h:
     raise ValueError(f"{path}: image is {w}x{h}; only square faces are accepted (crop it first)")
-  note = None
+  notes = [decoded] if decoded else []
   if w < lr_size:
     raise ValueError(f"{path}: image is {w}x{h}, smaller than the model's {lr_size}x{lr_size} input")
   arr = np.asarray(img, np.float32) / 255.0
   if w > lr_size:
     arr = np.clip(degrade.resize(arr, lr_size, lr_kernel), 0, 1)
-    note = f"reduced from {w}x{h} to {lr_size}x{lr_size} (bicubic) before super-resolution"
-  return arr, note
+    notes.append(f"reduced from {w}x{h} to {lr_size}x{lr_size} (bicubic) before super-resolution")
+  return arr, "; ".join(notes) or None
 
 
 def run_padded(apply, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -105,11 +125,13 @@ def run_padded(apply, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
-            lr_kernel: str = "pil") -> int:
+            lr_kernel: str = "pil", max_pixels: float = MAX_FACE_PIXELS) -> int:
   """Super-resolve every image under `inputs` (LR images made and upsampled with
-  `lr_kernel`, as the model was trained); returns the number of failed files."""
+  `lr_kernel`, as the model was trained); returns the number of failed files (unreadable,
+  or declaring more than `max_pixels`)."""
   files, failures = list_inputs(inputs), 0
   names = output_names(files)
+  check_output(inputs, files, output, list(names.values()))
   prepare_output(output)
   model, variables, step = checkpoint.load_model(checkpoint_path)
   lr_size = contract.lr_size(model.scale)
@@ -130,7 +152,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
   print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}, input {lr_size}x{lr_size}")
   for path in files:
     try:
-      lr, note = load_lr(path, lr_size, lr_kernel)
+      lr, note = load_lr(path, lr_size, lr_kernel, max_pixels)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       failures += 1
@@ -149,14 +171,27 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
 def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
                   lr_kernel: str = "pil", upscale: float | None = None, detector: str = "hog",
                   min_face: float | None = None, max_face: float | None = None,
-                  max_upsample: int = 3) -> int:
+                  max_upsample: int = 3, max_pixels: float = MAX_PHOTO_PIXELS) -> int:
   """Restore the faces of every photo under `inputs` into `output`; returns the number of
-  photos that failed (unreadable)."""
+  photos that failed (unreadable, over `max_pixels`, or too large to enlarge).
+
+  Args:
+    checkpoint_path: a checkpoint folder (the newest intact step) or one step.
+    inputs: a photo file or a folder of photos.
+    output: the folder for NAME.png, NAME_compare.png and NAME_faces/.
+    batch_size: faces per model call (across photos).
+    lr_kernel: the LR synthesis the model was trained with.
+    upscale: how much each photo is enlarged (default: the model's scale).
+    detector, min_face, max_face, max_upsample: which faces are found and restored.
+    max_pixels: photos whose header declares more pixels are refused before decoding.
+  """
   from spadnet_jax.faces import dlib_models, restore  # pylint: disable=import-outside-toplevel
   if upscale is not None and not 1 <= upscale <= 16:
     raise ValueError(f"--upscale {upscale:g}: must be between 1 and 16")
   files, failures = list_inputs(inputs), 0
   names = output_names(files)
+  stems = [n[:-len(".png")] for n in names.values()]
+  check_output(inputs, files, output, [f"{s}{end}" for s in stems for end in (".png", "_compare.png")])
   models = dlib_models.load(detector)          # a missing extra is said before anything is made
   prepare_output(output)
   model, variables, step = checkpoint.load_model(checkpoint_path)
@@ -193,14 +228,13 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: in
         f"x{upscale:g}, faces of {min_face:g}-{max_face:g} px restored")
   for path in files:
     try:
-      photo = np.asarray(photo_sets.load_photo(path))
+      width, height = images.header_size(path)     # nothing decoded yet
+      if width * height * upscale ** 2 > MAX_OUTPUT_PIXELS:
+        raise ValueError(f"{path}: {width}x{height} enlarged x{upscale:g} exceeds "
+                         f"{MAX_OUTPUT_PIXELS / 1e6:.0f} megapixels; lower --upscale")
+      photo = np.asarray(photo_sets.load_photo(path, max_pixels))
     except ValueError as e:
-      print(f"error: {path}: {e}", file=sys.stderr)
-      failures += 1
-      continue
-    if photo.shape[0] * photo.shape[1] * upscale ** 2 > MAX_OUTPUT_PIXELS:
-      print(f"error: {path}: {photo.shape[1]}x{photo.shape[0]} enlarged x{upscale:g} exceeds "
-            f"{MAX_OUTPUT_PIXELS / 1e6:.0f} megapixels; lower --upscale", file=sys.stderr)
+      print(f"error: {e}", file=sys.stderr)
       failures += 1
       continue
     faces = restore.plan(models, photo, scale=model.scale, lr_kernel=lr_kernel,
@@ -248,17 +282,25 @@ def main(argv: list[str]) -> int:
                       "a larger face loses more to the LR input than the model restores)")
   p.add_argument("--max_upsample", type=int, default=3,
                  help="--faces: doublings of the photo for the small-face detector pass")
+  p.add_argument("--max_pixels", type=float, default=None,
+                 help="images whose header declares more pixels are refused before decoding "
+                      f"(default: {MAX_FACE_PIXELS / 1e6:.0f} million for face images, a larger "
+                      f"JPEG decoded reduced instead; {MAX_PHOTO_PIXELS / 1e6:.0f} million "
+                      "with --faces)")
   p.add_argument("--verbosity", type=int, default=0, help="1: tracebacks and library logs")
   a = p.parse_args(argv)
   from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
   from spadnet_jax.faces import dlib_models  # pylint: disable=import-outside-toplevel
   cli.quiet_logging(a.verbosity >= 1)
   try:
+    if a.max_pixels is not None and a.max_pixels < 1:
+      raise ValueError(f"--max_pixels {a.max_pixels:g}: must be at least 1")
     if a.faces:
       return 1 if predict_faces(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel,
                                 a.upscale, a.detector, a.min_face, a.max_face,
-                                a.max_upsample) else 0
-    return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel) else 0
+                                a.max_upsample, a.max_pixels or MAX_PHOTO_PIXELS) else 0
+    return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel,
+                        a.max_pixels or MAX_FACE_PIXELS) else 0
   except (ValueError, OSError, dlib_models.MissingExtra) as e:
     if a.verbosity >= 1:
       raise
