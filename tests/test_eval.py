@@ -35,6 +35,7 @@ def test_eval_cli_writes_reports_and_pictures(trained):
   workdir, _ = trained
   r = _eval(f"--workdir={workdir}", "--num_grids=3")
   assert r.returncode == 0, r.stdout + r.stderr
+  assert r.stderr == ""
   assert "| PSNR (Y) |" in r.stdout and "images/s" in r.stdout and "crop" in r.stdout
   out = os.path.join(workdir, "eval", "2")
   m = json.load(open(os.path.join(out, "metrics.json")))

@@ -250,7 +250,7 @@ def test_predict_refuses_empty_input_and_a_file_as_output_and_never_overwrites(t
                                                     "folder for the SR images")
   assert target.read_bytes() == b"mine"
   r = _predict(ckpts, src, tmp_path / "out")
-  assert r.returncode == 0, r.stderr
+  assert r.returncode == 0 and r.stderr == "", r.stderr
   outs = sorted(os.listdir(tmp_path / "out"))
   assert outs == ["face.jpg.png", "face.png.png"]
   a, b = (np.asarray(Image.open(tmp_path / "out" / n)) for n in outs)

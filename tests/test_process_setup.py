@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from spadnet_jax import process_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,3 +46,17 @@ def test_configure_xla_cpu_keeps_the_users_flags(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--foo")
   process_setup.configure_xla_cpu()
   assert os.environ["XLA_FLAGS"] == "--foo --xla_cpu_experimental_ynn_fusion_type="
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tensorflow_import_is_silent_unless_verbosity_asks(verbose):
+  """TensorFlow (imported for TensorBoard events) prints its oneDNN and CPU notices at import
+  on stderr unless quieted; --verbosity keeps them. The user's own settings are kept."""
+  argv = ["train.py"] + (["--verbosity=1"] if verbose else [])
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  code = ("import sys; from spadnet_jax import process_setup; "
+          f"process_setup.quiet_native_logs({argv!r}); import tensorflow")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                     env=env, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert (r.stderr != "") == verbose, r.stderr

@@ -167,6 +167,7 @@ def test_eight_devices_match_one_and_restore_onto_one(tmp_path, data_dir):
   eight = run_train(str(tmp_path / "eight"), data_dir, "--config.num_train_steps=2", devices=8)
   assert one.returncode == 0, one.stdout + one.stderr
   assert eight.returncode == 0, eight.stdout + eight.stderr
+  assert one.stderr == "" and eight.stderr == ""          # quiet: a person reads stdout
   assert "on 8 device(s)" in eight.stdout
   l1, l8 = losses(one.stdout), losses(eight.stdout)
   assert set(l8) == {1, 2}
