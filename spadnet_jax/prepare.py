@@ -147,8 +147,25 @@ def _duration(seconds: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _valid_record(r: Any) -> bool:
+  """Whether a record line is one prepare_one wrote: its output name is the one its photo's
+  name gives (a path read from a file is never followed as it stands) and an ok record
+  carries 68 finite landmarks."""
+  if not (isinstance(r, dict) and r.get("version") == VERSION and isinstance(r.get("name"), str)
+          and r.get("out") == output_name(r["name"]) and isinstance(r.get("stat"), list)):
+    return False
+  if r.get("status") == "skipped":
+    return isinstance(r.get("reason"), str)
+  try:
+    points = np.asarray(r.get("landmarks"), np.float64)
+  except (TypeError, ValueError):
+    return False
+  return r.get("status") == "ok" and points.shape == (68, 2) and bool(np.isfinite(points).all())
+
+
 def read_records(path: str) -> dict[str, dict[str, Any]]:
-  """The records written so far; a line cut short by an interruption is dropped."""
+  """The records written so far; a line cut short by an interruption, or not of the form
+  prepare writes, is dropped (that photo is then prepared again)."""
   out = {}
   if os.path.isfile(path):
     with open(path) as f:
@@ -157,7 +174,7 @@ def read_records(path: str) -> dict[str, dict[str, Any]]:
           r = json.loads(line)
         except json.JSONDecodeError:
           continue
-        if isinstance(r, dict) and r.get("version") == VERSION:
+        if _valid_record(r):
           out[r["name"]] = r
   return out
 
@@ -207,6 +224,11 @@ def owned(output: str) -> set[str]:
       names = json.load(f)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
       raise ValueError(f"{path} is damaged: expected a list of file names")
+    outside = next((n for n in names if os.path.isabs(n) or os.path.normpath(n) != n
+                    or n.split(os.sep)[0] in ("..", WORK)), None)
+    if outside is not None:   # prepare removes what this record names: only inside output
+      raise ValueError(f"{path} is damaged: it names {outside!r}, not a file prepare writes "
+                       "inside the folder")
     return set(names)
   if not os.path.isfile(os.path.join(output, WORK, "settings.json")):
     return set()

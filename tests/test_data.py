@@ -334,16 +334,24 @@ def _bad_cases():
     entries["00003.png"] = pts
   def inf(hr, entries):
     entries["00000.png"]["landmark"][5, 1] = np.inf     # the bbox entry
+  def bbox_outside(hr, entries):
+    entries["00000.png"]["bbox"] = [-5, 30, 148, 158]
+  def bbox_three(hr, entries):
+    entries["00000.png"]["bbox"] = [20, 30, 148]
   return [(truncated, r"00001.png: unreadable or truncated image"),
           (wrong_size, r"00002.png: image is 100x100, expected 128x128"),
           (no_entry, r"00003.png: no entry for '00003.png'"),
           (outside, r"00002.png: landmark 0 at \(140.0, 140.0\) lies outside"),
           (nan, r"00003.png: landmark 30 is not finite \(nan, 64.0\)"),
-          (inf, r"00000.png: landmark 5 is not finite \(.*, inf\)")]
+          (inf, r"00000.png: landmark 5 is not finite \(.*, inf\)"),
+          (bbox_outside, r"00000.png: bbox \[-5.0, 30.0, 148.0, 158.0\] reaches outside the "
+                         r"180x200 image"),
+          (bbox_three, r"00000.png: bbox \[20, 30, 148\] is not 4 numbers")]
 
 
 @pytest.mark.parametrize("bad,message", _bad_cases(),
-                         ids=["truncated", "size", "entry", "outside", "nan", "inf"])
+                         ids=["truncated", "size", "entry", "outside", "nan", "inf",
+                              "bbox_outside", "bbox_three"])
 def test_bad_input_is_named_or_skipped(tmp_path, capsys, bad, message):
   _write_folder(tmp_path / "manual", bad=bad)
   with pytest.raises(builders.BadExample, match=message):

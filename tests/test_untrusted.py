@@ -388,3 +388,24 @@ def test_prepare_refuses_a_data_set_it_did_not_make_and_removes_only_its_own(
   assert prepare.main(args) == 1
   assert "holds 8 files prepare did not make (e.g. test/HR/00100.png)" in capsys.readouterr().err
   assert (dic / "train" / "HR" / "mine.png").read_bytes() == b"mine"
+
+
+def test_prepare_follows_no_path_its_work_folder_names(tmp_path, capsys):
+  """.prepare/ travels with a prepared folder: what it names is checked, never followed."""
+  out = tmp_path / "out"
+  (out / prepare.WORK).mkdir(parents=True)
+  victim = tmp_path / "victim.txt"
+  victim.write_text("mine")
+  good = {"name": "a.jpg", "out": "a.png", "stat": [1, 2], "version": prepare.VERSION,
+          "status": "ok", "landmarks": synthetic.draw_face(0)[1].tolist()}
+  bad = [{**good, "name": "b.jpg", "out": "../../victim.txt"},
+         {**good, "name": "c.jpg", "out": "c.png", "landmarks": [[0, 0]] * 67},
+         {**good, "name": "d.jpg", "out": "d.png", "landmarks": "x"}]
+  records = out / prepare.WORK / "records.jsonl"
+  records.write_text("".join(json.dumps(r) + "\n" for r in [good, *bad]))
+  assert list(prepare.read_records(str(records))) == ["a.jpg"]
+  (out / prepare.WORK / prepare.WRITTEN).write_text(json.dumps(["a.png", "../victim.txt"]))
+  with pytest.raises(ValueError, match=r"written.json is damaged: it names '\.\./victim\.txt', "
+                     "not a file prepare writes inside the folder"):
+    prepare.owned(str(out))
+  assert victim.read_text() == "mine"

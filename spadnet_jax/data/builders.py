@@ -101,8 +101,15 @@ def _read_landmarks(entry: Any, path: str) -> tuple[np.ndarray, np.ndarray | Non
   if bad.size:
     k = int(bad[0])
     raise BadExample(f"{path}: landmark {k} is not finite ({points[k, 0]}, {points[k, 1]})")
-  if bbox is not None and not np.isfinite(np.asarray(bbox, np.float64)).all():
-    raise BadExample(f"{path}: bbox {list(bbox)} is not finite")
+  if bbox is not None:
+    try:
+      box = np.asarray(bbox, np.float64)
+    except (TypeError, ValueError):
+      box = np.zeros(0)
+    if box.shape != (4,):
+      raise BadExample(f"{path}: bbox {bbox!r:.80} is not 4 numbers [x0, y0, x1, y1]")
+    if not np.isfinite(box).all():
+      raise BadExample(f"{path}: bbox {list(bbox)} is not finite")
   return points, None if bbox is None else np.asarray(bbox, np.float32)
 
 
@@ -125,6 +132,9 @@ def load_face(path: str, entry: Any,
     x0, y0, x1, y1 = (float(v) for v in bbox)
     if x1 <= x0 or y1 <= y0:
       raise BadExample(f"{path}: empty bbox {bbox.tolist()}")
+    if x0 < 0 or y0 < 0 or x1 > image.width or y1 > image.height:
+      raise BadExample(f"{path}: bbox {bbox.tolist()} reaches outside the "
+                       f"{image.width}x{image.height} image")
     image = image.resize((HR_SIZE, HR_SIZE), Image.BICUBIC, box=(x0, y0, x1, y1))
     points = frame.box_points(points, (x0, y0, x1, y1), HR_SIZE)
   elif image.size != (HR_SIZE, HR_SIZE):
