@@ -23,8 +23,10 @@ process_setup.define_distributed_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from spadnet_jax import trainer  # pylint: disable=import-outside-toplevel  # after set-up
-  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from spadnet_jax import config_upgrade, trainer  # pylint: disable=import-outside-toplevel  # after set-up
+  cfg = config_upgrade.upgrade_config(FLAGS.config, default.get_config())
+  result = trainer.train_and_evaluate(cfg, FLAGS.workdir, step=FLAGS.step)
   return preemption.EXIT_CODE if "preempted_at" in result else 0
 
 

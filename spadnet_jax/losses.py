@@ -63,18 +63,17 @@ def heatmap_peak_l2(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array]) 
 def weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
   """The terms a training configuration uses and their weights (zero weights dropped).
 
-  config.heatmap_loss_weight, the field configurations had before config.loss, scales
-  every term whose name starts with 'heatmap_'. Raises ValueError naming an unknown term
-  or a weight that is not a finite number >= 0.
+  Raises ValueError naming an unknown term or a weight that is not a finite number >= 0.
+  (config.heatmap_loss_weight, the field configurations had before config.loss, is folded
+  into the heatmap_* weights by config_upgrade.)
   """
-  legacy = cfg.get("heatmap_loss_weight", 1.0)
   out = {}
   for name, w in cfg.loss.items():
     if name not in LOSSES:
       raise ValueError(f"config.loss.{name}: no loss term named {name!r} is registered; "
                        f"registered: {sorted(LOSSES)}")
     config_check.non_negative_finite(f"loss.{name}", w)
-    w = float(w) * (legacy if name.startswith("heatmap_") else 1.0)
+    w = float(w)
     if w > 0:
       out[name] = w
   if not out:

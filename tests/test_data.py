@@ -5,22 +5,23 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import default
 from spadnet_jax.data import builders, degrade, landmarks as lmk, pipeline, sources, synthetic
 from spadnet_jax.ops import resample
 from tests.conftest import REPO
 
 
 def _cfg(**kw):
-  base = dict(name="synthetic_faces/tiny", data_dir="", lr_kernel="pil", augment_flip=False,
-              augment_rot90=False, num_threads=1, prefetch=2)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  cfg = default.get_config().data
+  cfg.update(dict(name="synthetic_faces/tiny", data_dir="", lr_kernel="pil", augment_flip=False,
+                  augment_rot90=False, num_threads=1, prefetch=2))
+  cfg.update(kw)
+  return cfg
 
 
 def _data(**kw):
@@ -146,6 +147,7 @@ def test_synthetic_faces_are_deterministic_and_landmarks_inside():
   assert a[eye[1], eye[0]].astype(int).sum() != a[eye[1] + 12, eye[0]].astype(int).sum()
 
 
+@pytest.mark.slow
 def test_synthetic_builder_registered_and_read_without_tf(tfds_dir):
   builder = tfds.builder("synthetic_faces/tiny", data_dir=tfds_dir, file_format="array_record")
   builder.download_and_prepare()

@@ -53,7 +53,17 @@ class MakeExample(grain.transforms.RandomMap):
 def make_example(image: np.ndarray, points: np.ndarray, filename: Any, scale: int,
                  lr_kernel: str = "pil", groups: tuple = lmk.GROUPS,
                  sigma: float = 1.0) -> dict[str, Any]:
-  """One canonical example from an HR uint8 image and its landmarks."""
+  """One canonical example from an HR uint8 image and its landmarks.
+
+  Args:
+    image: (H, W, 3) uint8 HR face.
+    points: (68, 2) landmarks in its pixels.
+    filename: its name (str or bytes), carried along.
+    scale: the SR factor; the LR is H/scale.
+    lr_kernel: the LR synthesis (degrade.KERNELS).
+    groups: landmark groups per heatmap channel (the source's).
+    sigma: the heatmaps' Gaussian width.
+  """
   hr = np.ascontiguousarray(image, np.float32) / 255.0
   lr, lr_up = degrade.degrade(hr, scale, lr_kernel)
   if isinstance(filename, bytes):
@@ -79,15 +89,22 @@ def train_dataset(data: Data, scale: int, global_batch: int, seed: int,
   index) is cut into global batches; process p reads rows [p*L, (p+1)*L) of each. `start`
   is the number of examples already consumed, so a run resumes from the same global
   position whatever its process count, device count or batch size.
+
+  Args:
+    data: the opened data set (its config: train_split, lr_kernel, augmentation, threads).
+    scale: the SR factor.
+    global_batch: examples per step over all processes.
+    seed: keys the shuffle and the augmentation.
+    start: examples of the sequence already consumed.
   """
   cfg = data.cfg
-  ds = data.raw(cfg.get("train_split", "train")).shuffle(seed=seed).repeat(None)
+  ds = data.raw(cfg.train_split).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(MakeExample(scale, cfg.lr_kernel, data.source, cfg.augment_flip,
                                  cfg.augment_rot90), seed=seed + 1)
   ds = ds[start:].batch(local_batch_size(global_batch), drop_remainder=True)
   ds = ds[jax.process_index()::jax.process_count()]
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get("num_threads", 2),
-                                              prefetch_buffer_size=cfg.get("prefetch", 4)))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                              prefetch_buffer_size=cfg.prefetch))
 
 
 def eval_dataset(data: Data, scale: int, split: str,

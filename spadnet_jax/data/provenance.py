@@ -15,8 +15,6 @@ from typing import Any, Iterator
 import ml_collections
 import tensorflow_datasets as tfds
 
-from spadnet_jax.untrusted import images
-
 RECORD = "provenance.json"
 
 
@@ -36,12 +34,12 @@ def fingerprint(manual_dir: str | None) -> str | None:
 
 def describe(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings and source that decide a prepared copy's contents."""
-  manual_dir = cfg.get("manual_dir") or None
+  manual_dir = cfg.manual_dir or None
   out: dict[str, Any] = {"name": cfg.name}
   if cfg.name.startswith("face_folder"):
     out.update(manual_dir=os.path.abspath(manual_dir) if manual_dir else None,
-               skip_bad_examples=bool(cfg.get("skip_bad_examples", False)),
-               max_image_pixels=float(cfg.get("max_image_pixels", images.MAX_PIXELS)),
+               skip_bad_examples=bool(cfg.skip_bad_examples),
+               max_image_pixels=float(cfg.max_image_pixels),
                fingerprint=fingerprint(manual_dir))
   return out
 
@@ -60,7 +58,7 @@ def check(builder: tfds.core.DatasetBuilder, cfg: ml_collections.ConfigDict) -> 
 
   A run that names no manual_dir uses the prepared copy as it is.
   """
-  if not cfg.get("manual_dir"):
+  if not cfg.manual_dir:
     return
   path = _record_path(builder)
   if not os.path.isfile(path):

@@ -9,7 +9,7 @@ heatmaps, augmentation, batching, sharding across processes).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -19,7 +19,6 @@ from PIL import Image
 from spadnet_jax.data import builders  # noqa: F401  (registers the tfds builders)
 from spadnet_jax.data import contract, landmarks as lmk, provenance
 from spadnet_jax.registry import Registry
-from spadnet_jax.untrusted import images
 
 Splits = Mapping[str, Sequence[dict[str, Any]]]
 Loader = Callable[[ml_collections.ConfigDict], Splits]
@@ -77,7 +76,7 @@ def load_builder(cfg: ml_collections.ConfigDict, prepare: bool = True,
   own data_dir, each builds its own copy. A prepared copy records its source
   (provenance.json) and is refused when this run's source or settings differ.
   """
-  kwargs = dict(data_dir=cfg.get("data_dir") or None, **kwargs)
+  kwargs = dict(data_dir=cfg.data_dir or None, **kwargs)
   try:
     builder = tfds.builder(cfg.name, **kwargs)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
@@ -85,7 +84,7 @@ def load_builder(cfg: ml_collections.ConfigDict, prepare: bool = True,
     raise ValueError(f"config.data.name={cfg.name!r} is not a known tfds data set ({first})") from e
   if not prepare:
     return builder
-  manual_dir = cfg.get("manual_dir") or None
+  manual_dir = cfg.manual_dir or None
   with provenance.build_lock(builder):
     if builder.is_prepared():
       builder = tfds.builder(cfg.name, **kwargs)    # another process may have just built it
@@ -107,7 +106,7 @@ class _Mapped(Sequence[dict[str, Any]]):
   def __len__(self) -> int:
     return len(self.seq)
 
-  def __getitem__(self, i):
+  def __getitem__(self, i: int) -> dict[str, Any]:
     return self.fn(self.seq[i])
 
 
@@ -136,7 +135,7 @@ class _TfdsSplits(Mapping[str, Sequence[dict[str, Any]]]):
   def location(self) -> str:
     return str(self.builder.data_dir)
 
-  def __iter__(self):
+  def __iter__(self) -> Iterator[dict[str, Any]]:
     return iter(self.builder.info.splits)
 
   def __len__(self) -> int:
@@ -153,8 +152,8 @@ def synthetic_faces(cfg: ml_collections.ConfigDict) -> Splits:
 def face_folder(cfg: ml_collections.ConfigDict) -> Splits:
   """CelebA or Helen in the DIC/SPADNet folder layout under config.data.manual_dir."""
   builder = load_builder(cfg, file_format="array_record",
-                         skip_bad_examples=bool(cfg.get("skip_bad_examples", False)),
-                         max_image_pixels=float(cfg.get("max_image_pixels", images.MAX_PIXELS)))
+                         skip_bad_examples=bool(cfg.skip_bad_examples),
+                         max_image_pixels=float(cfg.max_image_pixels))
   return _TfdsSplits(builder, cfg.name)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import ml_collections
 
+from spadnet_jax import config_upgrade
 from spadnet_jax.models.spadnet import SPADNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -25,19 +26,17 @@ def to_config(model: SPADNet) -> dict[str, Any]:
 
 def from_config(fields: Mapping[str, Any] | ml_collections.ConfigDict,
                 **overrides: Any) -> SPADNet:
-  """Build and validate the SPADNet `fields` describe (to_config output, config.model).
+  """Build and validate the SPADNet `fields` describe (to_config output, config.model,
+  in any older form config_upgrade knows).
 
-  Unknown fields and invalid values raise ValueError naming them. hab_num None (or a
-  negative value, as configurations written before placeholders said) means number - 1.
+  Unknown fields and invalid values raise ValueError naming them.
   """
   if isinstance(fields, ml_collections.ConfigDict):
     fields = fields.to_dict()
-  cfg = {**fields, **overrides}
+  cfg = config_upgrade.upgrade_model_fields({**fields, **overrides})
   unknown = sorted(set(cfg) - set(FIELDS))
   if unknown:
     raise ValueError(f"model configuration has unknown fields {unknown}; known: {sorted(FIELDS)}")
-  if cfg.get("hab_num") is not None and cfg["hab_num"] < 0:
-    cfg["hab_num"] = None
   if isinstance(cfg.get("dtype"), str):
     if cfg["dtype"] not in DTYPES:
       raise ValueError(f"SPADNet.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")

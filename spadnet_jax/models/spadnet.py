@@ -46,8 +46,7 @@ class SPADNet(nn.Module):
       heatmap is predicted.
     remat: which blocks recompute their forward pass during the backward pass instead of
       keeping activations (models/remat.py): 'none' (default), 'rcab' (the residual
-      blocks) or 'all' (RCABs and HABs). True/False mean 'all'/'none' (configurations
-      written before this field took names).
+      blocks) or 'all' (RCABs and HABs).
     dtype: computation dtype (parameters stay float32).
   """
   scale: int = 8
@@ -61,7 +60,7 @@ class SPADNet(nn.Module):
   use_lsac: bool = True
   use_gsac: bool = True
   heatmap_branch: bool = True
-  remat: str | bool = "none"
+  remat: str = "none"
   dtype: Any = jnp.float32
 
   def example_input(self, batch: int = 1) -> jnp.ndarray:
@@ -110,7 +109,7 @@ class SPADNet(nn.Module):
     if self.pac_impl not in ops.PAC_IMPLS:
       raise ValueError(f"SPADNet.pac_impl must be one of {sorted(ops.PAC_IMPLS)}, "
                        f"got {self.pac_impl!r}")
-    if self.remat_blocks not in REMAT:
+    if self.remat not in REMAT:
       raise ValueError(f"SPADNet.remat must be one of {REMAT}, got {self.remat!r}")
     if self.gsac_gate not in ("official", "channel"):
       raise ValueError(f"SPADNet.gsac_gate must be 'official' or 'channel', got {self.gsac_gate!r}")
@@ -130,17 +129,13 @@ class SPADNet(nn.Module):
   def hab_options(self) -> HabOptions:
     return HabOptions(self.pac_kernel, self.pac_impl, self.gsac_gate, self.use_lsac, self.use_gsac)
 
-  @property
-  def remat_blocks(self) -> str:
-    return {True: "all", False: "none"}.get(self.remat, self.remat)
-
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"SPADNet expects (N, H, W, 3) images, got shape {x.shape}")
     plain = lambda block, *args: block(*args)
-    call = remat_call if self.remat_blocks in ("rcab", "all") else plain
-    call_hab = remat_call if self.remat_blocks == "all" else plain
+    call = remat_call if self.remat in ("rcab", "all") else plain
+    call_hab = remat_call if self.remat == "all" else plain
     x = x.astype(self.dtype)
     feature = conv3x3(self.n_feats, "head", self.dtype)(ops.pixel_unshuffle(x, self.scale))
     sr = hm = feature
