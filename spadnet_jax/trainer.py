@@ -4,19 +4,20 @@ train_and_evaluate(config, workdir) is what train.py runs. The same code runs on
 simulated CPU devices, a GPU or several hosts; only the mesh differs.
 """
 
+import dataclasses
 import errno
 import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
 import optax
 from clu import metric_writers, periodic_actions
 
-from spadnet_jax import (checkpoint, config_check, evaluation, files, losses, metrics, models,
-                         preemption, process_setup, sharding, visualize)
+from spadnet_jax import (checkpoint, config_check, config_upgrade, evaluation, files, losses,
+                         metrics, models, preemption, process_setup, sharding, visualize)
 from spadnet_jax.data import contract, pipeline, sources
 from spadnet_jax.models import SCALES, SPADNet
 from spadnet_jax.train_step import (TrainState, inference_params, init_state, make_optimizer,
@@ -49,6 +50,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   training early. One run per workdir: a second one fails with files.WorkdirInUse
   naming the holder.
   """
+  cfg = config_upgrade.upgrade_config(cfg)
   mesh = sharding.make_mesh(cfg.fsdp)
   model = build_model(cfg)
   loss_terms = validate_config(cfg, mesh.size)
@@ -82,7 +84,16 @@ def lower_train_step(cfg: ml_collections.ConfigDict, model: SPADNet,
                      state_shardings: TrainState) -> jax.stages.Lowered:
   """The train step jitted over `mesh` (state donated, batch split over both mesh axes,
   FSDP parameters gathered whole for the computation) and lowered for a global batch of
-  config.batch_size; .compile() gives the executable."""
+  config.batch_size; .compile() gives the executable.
+
+  Args:
+    cfg: the training configuration (batch_size, optimizer.ema_decay).
+    model: the SPADNet trained.
+    tx, schedule: the optimizer and its learning-rate schedule (make_optimizer).
+    loss_terms: registered loss terms and their weights (losses.weights).
+    mesh: the devices, real or abstract (a TPU slice compiled for without one).
+    abstract, state_shardings: the train state's layout (state_layout).
+  """
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(
       make_train_step(model, tx, schedule, loss_terms, cfg.optimizer.ema_decay,
@@ -125,12 +136,15 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     step, examples_seen = 0, 0
 
   evaluator = evaluation.Evaluator(model, data, cfg.data.eval_split, mesh, cfg.eval_batch_size,
-                                   limit=cfg.num_eval_images, score=cfg.metric_score,
+                                   limit=cfg.num_eval_images,
+                                   scoring=evaluation.Scoring(score=cfg.metric_score),
                                    variables_sharding={"params": inference_params(state_shardings)})
   saver = checkpoint.TrainSaver(ckpt_dir, model, cfg.batch_size, keep=cfg.keep_checkpoints,
                                 async_save=cfg.async_checkpoints,
                                 stop_on_nonfinite=cfg.nonfinite == "stop", is_main=is_main)
   stop.reached_sync_point = saver.reached_preemption
+  run = _Run(cfg, workdir, mesh, num_steps, steps_per_epoch, evaluator, writer, saver, stop,
+             report, is_main)
   preempted, start_step = False, step
   try:
     if step >= num_steps:
@@ -139,14 +153,13 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
     # A stop requested while starting or compiling is agreed on before the first step:
     # nothing new to save, and no compile or step is spent on a preempted machine.
     elif not (preempted := stop.agreed(step, pending=state, sync=True)):
-      train_step = _compile_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract,
-                                       state_shardings, report)
+      train_step = _compile_train_step(functools.partial(
+          lower_train_step, cfg, model, tx, schedule, loss_terms, mesh, abstract, state_shardings),
+          report)
       if not (preempted := stop.agreed(step, sync=True)):
         iterator = iter(pipeline.train_dataset(data, model.scale, cfg.batch_size, cfg.seed,
                                                start=examples_seen))
-        state, step, preempted = _loop(cfg, train_step, iterator, mesh, state, step, num_steps,
-                                       steps_per_epoch, examples_seen, evaluator, writer, saver,
-                                       stop, is_main, workdir, report)
+        state, step, preempted = _loop(run, train_step, iterator, state, step, examples_seen)
     saver.seal_saved()
   finally:
     saver.close()
@@ -208,30 +221,80 @@ def validation_line(step: int, s: dict[str, float]) -> str:
           f"(bicubic {s['bicubic_ssim_y']:.4f}), NME {s['nme']:.3f}")
 
 
-def _compile_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract, state_shardings,
-                        report) -> Callable:
+def _compile_train_step(lower: Callable[[], jax.stages.Lowered],
+                        report: Callable[[str], None]) -> Callable:
   start = time.perf_counter()
-  train_step = lower_train_step(cfg, model, tx, schedule, loss_terms, mesh, abstract,
-                                state_shardings).compile()
+  train_step = lower().compile()
   process_setup.release_host_memory()
   report(f"compiled the train step in {time.perf_counter() - start:.1f} s")
   return train_step
 
 
-def _loop(cfg, train_step, iterator, mesh, state, step, num_steps, steps_per_epoch, examples_seen,
-          evaluator, writer, saver: checkpoint.TrainSaver, stop: preemption.StopRequest, is_main, workdir,
-          report):
-  """The training steps; returns (state, step, preempted)."""
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+def itstime(step: int, every: int, last: int) -> bool:
+  """Whether `step` is due for something done every `every` steps and at the last one
+  (logging, validation, checkpoints), as big_vision's utils.itstime."""
+  return step % every == 0 or step == last
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the training steps need besides the state: fixed for the whole run."""
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  num_steps: int
+  steps_per_epoch: int
+  evaluator: evaluation.Evaluator
+  writer: metric_writers.MetricWriter
+  saver: checkpoint.TrainSaver
+  stop: preemption.StopRequest
+  report: Callable[[str], None]
+  is_main: bool
+
+
+def _log_line(run: _Run, state: TrainState, step: int, train_metrics: Any, rate: float) -> None:
+  """Write the training scalars of the steps since the last line and print the line."""
+  run.saver.check_finite(state, step)
+  scalars = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
+  skipped = int(jax.device_get(state.nonfinite))
+  scalars["train_skipped_updates"] = skipped
+  run.writer.write_scalars(step, scalars)
+  eta = (run.num_steps - step) / max(rate, 1e-9)
+  skip_note = f" | skipped {skipped}" if run.cfg.nonfinite == "skip" else ""
+  terms = ", ".join(f"{k[len('train_loss_'):]} {v:.4f}" for k, v in sorted(scalars.items())
+                    if k.startswith("train_loss_"))
+  run.report(f"step {step}/{run.num_steps} loss {scalars['train_loss']:.4f} ({terms}){skip_note} | "
+             f"{rate:.2f} steps/s | ETA {eta / 60:.1f} min")
+
+
+def _validate(run: _Run, state: TrainState, step: int) -> dict[str, float]:
+  """A periodic validation: its line, scalars and comparison grid; returns the summary."""
+  result = run.evaluator({"params": inference_params(state)}, keep_images=run.cfg.num_grid_images)
+  evaluated = result["summary"]
+  run.writer.write_scalars(step, {f"eval_{k}": v for k, v in evaluated.items()})
+  run.report(validation_line(step, evaluated))
+  if result["images"] is not None:
+    grid = visualize.image_grid(result["images"])
+    run.writer.write_images(step, {"eval_lr_bicubic_sr_hr_heatmap": grid})
+    if run.is_main:
+      _save_grid(grid_path(run.workdir, step), grid[0], run.report)
+  return evaluated
+
+
+def _loop(run: _Run, train_step: Callable, iterator: Iterator[dict[str, Any]], state: TrainState,
+          step: int, examples_seen: int) -> tuple[TrainState, int, bool]:
+  """The training steps from `step`; returns (state, step, preempted)."""
+  cfg = run.cfg
+  hooks = [periodic_actions.ReportProgress(num_train_steps=run.num_steps, writer=run.writer,
                                            every_steps=cfg.log_every)]
-  if cfg.profile_steps > 0 and is_main:
-    hooks.append(periodic_actions.Profile(num_profile_steps=cfg.profile_steps, logdir=workdir))
+  if cfg.profile_steps > 0 and run.is_main:
+    hooks.append(periodic_actions.Profile(num_profile_steps=cfg.profile_steps, logdir=run.workdir))
   train_metrics, start, start_step = None, time.perf_counter(), step
-  report(f"training {num_steps} steps ({steps_per_epoch} per epoch) on {mesh.size} device(s), "
-         f"mesh {dict(mesh.shape)}, from step {step}")
-  with metric_writers.ensure_flushes(writer):
-    while step < num_steps:
-      batch = sharding.global_batch(next(iterator), mesh)
+  run.report(f"training {run.num_steps} steps ({run.steps_per_epoch} per epoch) on "
+             f"{run.mesh.size} device(s), mesh {dict(run.mesh.shape)}, from step {step}")
+  with metric_writers.ensure_flushes(run.writer):
+    while step < run.num_steps:
+      batch = sharding.global_batch(next(iterator), run.mesh)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, out = train_step(state, batch)
       step += 1
@@ -239,35 +302,15 @@ def _loop(cfg, train_step, iterator, mesh, state, step, num_steps, steps_per_epo
       train_metrics = out if train_metrics is None else train_metrics.merge(out)
       for hook in hooks:
         hook(step)
-      if step % cfg.log_every == 0 or step == num_steps:
-        saver.check_finite(state, step)
-        scalars = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
-        skipped = int(jax.device_get(state.nonfinite))
-        scalars["train_skipped_updates"] = skipped
-        writer.write_scalars(step, scalars)
-        rate = (step - start_step) / (time.perf_counter() - start)
-        eta = (num_steps - step) / max(rate, 1e-9)
-        skip_note = f" | skipped {skipped}" if cfg.nonfinite == "skip" else ""
-        terms = ", ".join(f"{k[len('train_loss_'):]} {v:.4f}" for k, v in sorted(scalars.items())
-                          if k.startswith("train_loss_"))
-        report(f"step {step}/{num_steps} loss {scalars['train_loss']:.4f} ({terms}){skip_note} | "
-               f"{rate:.2f} steps/s | ETA {eta / 60:.1f} min")
+      if itstime(step, cfg.log_every, run.num_steps):
+        _log_line(run, state, step, train_metrics,
+                  (step - start_step) / (time.perf_counter() - start))
         train_metrics = None
-      evaluated = None
-      if step % cfg.eval_every == 0 or step == num_steps:
-        result = evaluator({"params": inference_params(state)}, keep_images=cfg.num_grid_images)
-        evaluated = result["summary"]
-        writer.write_scalars(step, {f"eval_{k}": v for k, v in evaluated.items()})
-        report(validation_line(step, evaluated))
-        if result["images"] is not None:
-          grid = visualize.image_grid(result["images"])
-          writer.write_images(step, {"eval_lr_bicubic_sr_hr_heatmap": grid})
-          if is_main:
-            _save_grid(grid_path(workdir, step), grid[0], report)
-      if evaluated is not None or step % cfg.checkpoint_every == 0 or step == num_steps:
-        saver.save(state, step, examples_seen,
-                   None if evaluated is None else {"psnr_y": evaluated["psnr_y"]})
-      if step < num_steps and stop.agreed(step, pending=state):
-        saver.save(state, step, examples_seen)
+      evaluated = _validate(run, state, step) if itstime(step, cfg.eval_every, run.num_steps) else None
+      if evaluated is not None or itstime(step, cfg.checkpoint_every, run.num_steps):
+        run.saver.save(state, step, examples_seen,
+                       None if evaluated is None else {"psnr_y": evaluated["psnr_y"]})
+      if step < run.num_steps and run.stop.agreed(step, pending=state):
+        run.saver.save(state, step, examples_seen)
         return state, step, True
   return state, step, False
