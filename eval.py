@@ -33,13 +33,23 @@ process_setup.define_distributed_flags()
 
 
 def _config():
+  """--config, else the run's config.json (written by train.py, perhaps by an older version:
+  upgraded to today's form), else configs/default.py."""
   import ml_collections
   from configs import default
+  from spadnet_jax import config_upgrade
   if FLAGS.config is not None:
-    return FLAGS.config
-  if FLAGS.workdir and os.path.isfile(os.path.join(FLAGS.workdir, "config.json")):
-    with open(os.path.join(FLAGS.workdir, "config.json")) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return config_upgrade.upgrade_config(FLAGS.config, default.get_config())
+  path = os.path.join(FLAGS.workdir or "", "config.json")
+  if FLAGS.workdir and os.path.isfile(path):
+    with open(path) as f:
+      try:
+        saved = json.load(f)
+      except ValueError as e:
+        raise ValueError(f"{path} is not a configuration train.py wrote ({e})") from None
+    if not isinstance(saved, dict):
+      raise ValueError(f"{path} is not a configuration train.py wrote (a JSON object)")
+    return config_upgrade.upgrade_config(ml_collections.ConfigDict(saved), default.get_config())
   return default.get_config()
 
 
@@ -51,11 +61,12 @@ def main(argv):
   from spadnet_jax import evaluation  # pylint: disable=import-outside-toplevel  # after set-up
   cfg = _config()
   source = FLAGS.checkpoint or os.path.join(FLAGS.workdir, "checkpoints")
-  evaluation.evaluate_checkpoint(
-      cfg, source, step=FLAGS.step, out_root=FLAGS.workdir or source,
-      split=FLAGS.split or cfg.data.eval_split, score=FLAGS.score or cfg.get("metric_score", "float"),
-      batch_size=FLAGS.batch_size or cfg.eval_batch_size, num_images=FLAGS.num_images,
-      num_grids=FLAGS.num_grids, save_images=FLAGS.save_images)
+  evaluation.evaluate_checkpoint(cfg, source, out_root=FLAGS.workdir or source, request=(
+      evaluation.EvalRequest(split=FLAGS.split or cfg.data.eval_split,
+                             score=FLAGS.score or cfg.metric_score,
+                             batch_size=FLAGS.batch_size or cfg.eval_batch_size, step=FLAGS.step,
+                             num_images=FLAGS.num_images, num_grids=FLAGS.num_grids,
+                             save_images=FLAGS.save_images)))
   return 0
 
 

@@ -168,7 +168,7 @@ def compile_steps(cfg: Any, topology: str, batch_per_chip: int, eval_batch_per_c
   records.append({**base, "step": "train", "batch_per_chip": batch_per_chip,
                   **describe(compiled, chip, time.perf_counter() - start)})
   if eval_batch_per_chip > 0:
-    step = evaluation.jit_eval_step(model, mesh, score=cfg.metric_score,
+    step = evaluation.jit_eval_step(model, mesh, evaluation.Scoring(score=cfg.metric_score),
                                     variables_sharding={"params": inference_params(shardings)})
     batch = contract.batch_spec(cfg.eval_batch_size, model.scale, sharding.batch_sharding(mesh))
     start = time.perf_counter()

@@ -7,6 +7,7 @@ eval.py write the same report (metrics.json, per_image.csv, the printed table).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -26,13 +27,22 @@ PER_IMAGE_KEYS = ("psnr_y", "ssim_y", "psnr_rgb", "nme", "bicubic_psnr_y", "bicu
                   "bicubic_psnr_rgb")
 
 
-def make_eval_step(model: SPADNet, crop: int = 8, score: str = "float") -> Callable:
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+  """How images are scored (metrics.image_metrics): the border cropped away, and whether the
+  float output (the official protocol) or the 8-bit PNG is scored."""
+  crop: int = 8
+  score: str = "float"
+
+
+def make_eval_step(model: SPADNet, scoring: Scoring = Scoring()) -> Callable:
   """(variables, batch) -> (per-image metrics, sr, heatmap) for one padded batch."""
 
-  def step(variables, batch):
+  def step(variables: Any, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array,
+                                                                 jax.Array | None]:
     sr, hm = model.apply(variables, batch["lr_up"])
-    out = metrics.image_metrics(sr, batch["hr"], crop, score)
-    bic = metrics.image_metrics(batch["lr_up"], batch["hr"], crop, score)
+    out = metrics.image_metrics(sr, batch["hr"], scoring.crop, scoring.score)
+    bic = metrics.image_metrics(batch["lr_up"], batch["hr"], scoring.crop, scoring.score)
     out.update({f"bicubic_{k}": v for k, v in bic.items()})
     out["nme"] = (metrics.nme(hm, batch["heatmap"]) if hm is not None
                   else jnp.full(sr.shape[:1], jnp.nan))
@@ -41,13 +51,13 @@ def make_eval_step(model: SPADNet, crop: int = 8, score: str = "float") -> Calla
   return step
 
 
-def jit_eval_step(model: SPADNet, mesh: jax.sharding.Mesh, crop: int = 8, score: str = "float",
+def jit_eval_step(model: SPADNet, mesh: jax.sharding.Mesh, scoring: Scoring = Scoring(),
                   variables_sharding: Any = None) -> Callable:
   """make_eval_step jitted over `mesh`: the batch split over both mesh axes, the variables
   stored as `variables_sharding` (replicated by default) and placed for the model as the
   train step places them (sharding.gathered_params), the outputs replicated."""
   rep = sharding.replicated(mesh)
-  step = make_eval_step(model, crop, score)
+  step = make_eval_step(model, scoring)
   gathered = sharding.gathered_params(mesh)
   if gathered is not None:
     step = lambda variables, batch, inner=step: inner(
@@ -96,8 +106,18 @@ class Evaluator:
   """Evaluates a model on one split; construct once, call for each set of variables."""
 
   def __init__(self, model: SPADNet, data: pipeline.Data, split: str, mesh: jax.sharding.Mesh,
-               batch_size: int, limit: int = -1, crop: int = 8, score: str = "float",
+               batch_size: int, limit: int = -1, scoring: Scoring = Scoring(),
                variables_sharding: Any = None):
+    """Args:
+      model: the SPADNet evaluated.
+      data: the opened data set; `split` is evaluated.
+      mesh: the devices the global batch is split over.
+      batch_size: the global batch (a multiple of the mesh's devices); the last batch is
+        padded to it and masked out.
+      limit: evaluate only the first `limit` images (-1: all).
+      scoring: the border crop and what is scored.
+      variables_sharding: how the variables are stored (default: replicated).
+    """
     self.model, self.mesh = model, mesh
     if batch_size % mesh.size:
       raise ValueError(f"eval batch size {batch_size} is not divisible by the {mesh.size} devices")
@@ -105,7 +125,7 @@ class Evaluator:
     self.local_batch = pipeline.local_batch_size(batch_size)
     self.dataset, self.count = pipeline.eval_dataset(data, model.scale, split, self.local_batch)
     self.limit = limit
-    self.step = jit_eval_step(model, mesh, crop, score, variables_sharding)
+    self.step = jit_eval_step(model, mesh, scoring, variables_sharding)
 
   def __call__(self, variables: Any, keep_images: int = 0,
                on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
@@ -196,30 +216,43 @@ def nonfinite_metrics(summary: dict[str, Any], heatmaps: bool = True) -> list[st
 
 # --- checkpoints -----------------------------------------------------------------------------
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str, step: int | None,
-                        out_root: str, split: str, score: str, batch_size: int,
-                        num_images: int = -1, num_grids: int = 8,
-                        save_images: bool = True) -> dict[str, Any]:
-  """What eval.py runs: evaluate checkpoint `source` on `split`; the report, SR PNGs and
-  comparison grids go to out_root/eval/<step>/. Non-finite metrics raise FloatingPointError."""
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+  """What eval.py asks of a checkpoint evaluation (its flags, the config's defaults filled in)."""
+  split: str                     # the data split evaluated
+  score: str                     # 'float' (official) or 'png'
+  batch_size: int                # global evaluation batch
+  step: int | None = None        # the checkpoint step (None: the newest intact one)
+  num_images: int = -1           # only the first N images (-1: all)
+  num_grids: int = 8             # comparison grids written
+  save_images: bool = True       # write the SR PNGs
+
+
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str, out_root: str,
+                        request: EvalRequest) -> dict[str, Any]:
+  """What eval.py runs: evaluate checkpoint `source` as `request` says, with the data of
+  `cfg`; the report, SR PNGs and comparison grids go to out_root/eval/<step>/. Non-finite
+  metrics raise FloatingPointError."""
   mesh = sharding.make_mesh(1)
-  model, variables, step = checkpoint.load_model(source, step, shardings=sharding.replicated(mesh),
-                                                 pac_impl=cfg.model.get("pac_impl", "auto"))
-  batch_size -= batch_size % mesh.size
+  model, variables, step = checkpoint.load_model(source, request.step,
+                                                 shardings=sharding.replicated(mesh),
+                                                 pac_impl=cfg.model.pac_impl)
+  batch_size = request.batch_size - request.batch_size % mesh.size
   if batch_size < mesh.size:
     raise ValueError(f"eval batch size must be at least the {mesh.size} devices")
-  evaluator = Evaluator(model, pipeline.Data(cfg.data), split, mesh, batch_size, limit=num_images,
-                        score=score)
+  split, score = request.split, request.score
+  evaluator = Evaluator(model, pipeline.Data(cfg.data), split, mesh, batch_size,
+                        limit=request.num_images, scoring=Scoring(score=score))
   out_dir = os.path.join(os.path.abspath(out_root), "eval", str(step))
   is_main = jax.process_index() == 0
-  grids_left = [num_grids]
+  grids_left = [request.num_grids]
 
   def save(batch: dict[str, Any]) -> None:
     if not is_main:
       return
     for i, name in enumerate(batch["filename"]):
       stem = os.path.splitext(os.path.basename(name))[0] or f"image{i}"
-      if save_images:
+      if request.save_images:
         visualize.save_png(os.path.join(out_dir, "sr", f"{stem}.png"), batch["sr"][i])
       if grids_left[0] > 0:
         grids_left[0] -= 1
