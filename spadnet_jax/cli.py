@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
+import ml_collections
 from absl import app, flags, logging as absl_logging
 
 from spadnet_jax import config_check, files, process_setup
@@ -31,7 +32,7 @@ def _config_file(argv: Sequence[str], default: str | None) -> str | None:
   return default
 
 
-def _load_config(path: str):
+def _load_config(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location("_spadnet_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -135,7 +136,7 @@ def _without_closed_loop_noise(hook: Callable) -> Callable:
   of a checkpoint write that failed (a full disk) reaching Orbax's finished event loop, one
   traceback per pending chunk, after the failure itself was reported."""
 
-  def filtered(unraisable) -> None:
+  def filtered(unraisable: "sys.UnraisableHookArgs") -> None:
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == "Event loop is closed"):
       hook(unraisable)
@@ -143,18 +144,26 @@ def _without_closed_loop_noise(hook: Callable) -> Callable:
   return filtered
 
 
+def one_line_errors(run: Callable[[], int | None], verbose: bool,
+                    more: tuple[type[BaseException], ...] = ()) -> int:
+  """Run a program's work: a user error (USER_ERRORS, or `more`) prints one `error:` line
+  and gives exit status 1; with `verbose` it is raised, traceback and all. The one error
+  path of every program (absl ones through reporting_errors, argparse ones directly)."""
+  try:
+    return run() or 0
+  except USER_ERRORS + more as e:
+    if verbose:
+      raise
+    std_logging.disable(std_logging.CRITICAL)     # nothing after the one line
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+
+
 def reporting_errors(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:
   """Wrap an absl main so that user errors print one line and exit 1."""
 
   def wrapped(argv: list[str]) -> int:
-    try:
-      return main(argv) or 0
-    except USER_ERRORS as e:
-      if flags.FLAGS.verbosity >= 1:
-        raise
-      std_logging.disable(std_logging.CRITICAL)     # nothing after the one line
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      return 1
+    return one_line_errors(lambda: main(argv), flags.FLAGS.verbosity >= 1)
 
   return wrapped
 

@@ -22,8 +22,10 @@ discard more than the model restores) or not confirmed as faces are reported and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -116,7 +118,8 @@ def load_lr(path: str, lr_size: int, lr_kernel: str = "pil",
   return arr, "; ".join(notes) or None
 
 
-def run_padded(apply, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
+def run_padded(apply: Callable[[Any, np.ndarray], Any], variables: Any, x: np.ndarray,
+               batch_size: int) -> np.ndarray:
   """apply(variables, x) for up to batch_size inputs, padded to exactly batch_size (copies
   of the last) so that every call has the one compiled shape; the padding's outputs dropped."""
   pad = batch_size - len(x)
@@ -126,9 +129,18 @@ def run_padded(apply, variables, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
             lr_kernel: str = "pil", max_pixels: float = MAX_FACE_PIXELS) -> int:
-  """Super-resolve every image under `inputs` (LR images made and upsampled with
-  `lr_kernel`, as the model was trained); returns the number of failed files (unreadable,
-  or declaring more than `max_pixels`)."""
+  """Super-resolve every image under `inputs`; returns the number of failed files
+  (unreadable, not square, or declaring more than `max_pixels`).
+
+  Args:
+    checkpoint_path: a checkpoint folder (the newest intact step) or one step.
+    inputs: an LR face image or a folder of them.
+    output: the folder for the SR PNGs (neither the input folder nor inside it).
+    batch_size: images per model call (the last call padded to it).
+    lr_kernel: the LR synthesis the model was trained with (config.data.lr_kernel).
+    max_pixels: images whose header declares more are refused before decoding (a larger
+      JPEG is decoded reduced instead).
+  """
   files, failures = list_inputs(inputs), 0
   names = output_names(files)
   check_output(inputs, files, output, list(names.values()))
@@ -138,7 +150,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
   apply = jax.jit(lambda v, x: model.apply(v, x)[0])
   pending: list[tuple[str, np.ndarray]] = []
 
-  def flush():
+  def flush() -> None:
     if not pending:
       return
     x = np.stack([degrade.resize(lr, contract.HR_SIZE, lr_kernel) for _, lr in pending])
@@ -168,31 +180,34 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
   return failures
 
 
-def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
-                  lr_kernel: str = "pil", upscale: float | None = None, detector: str = "hog",
-                  min_face: float | None = None, max_face: float | None = None,
-                  max_upsample: int = 3, max_pixels: float = MAX_PHOTO_PIXELS) -> int:
-  """Restore the faces of every photo under `inputs` into `output`; returns the number of
-  photos that failed (unreadable, over `max_pixels`, or too large to enlarge).
+@dataclasses.dataclass(frozen=True)
+class FaceOptions:
+  """predict --faces: the command line's flags of the same names."""
+  batch_size: int = 8              # faces per model call, across photos
+  lr_kernel: str = "pil"           # the LR synthesis the model was trained with
+  upscale: float | None = None     # how much each photo is enlarged (None: the model's scale)
+  detector: str = "hog"            # dlib's HOG or CNN face detector
+  min_face: float | None = None    # smallest face restored, photo px (None: half the LR size)
+  max_face: float | None = None    # largest face restored, photo px (None: twice the LR size)
+  max_upsample: int = 3            # doublings of the photo for the small-face pass
+  max_pixels: float = MAX_PHOTO_PIXELS   # photos declaring more are refused undecoded
 
-  Args:
-    checkpoint_path: a checkpoint folder (the newest intact step) or one step.
-    inputs: a photo file or a folder of photos.
-    output: the folder for NAME.png, NAME_compare.png and NAME_faces/.
-    batch_size: faces per model call (across photos).
-    lr_kernel: the LR synthesis the model was trained with.
-    upscale: how much each photo is enlarged (default: the model's scale).
-    detector, min_face, max_face, max_upsample: which faces are found and restored.
-    max_pixels: photos whose header declares more pixels are refused before decoding.
-  """
+
+def predict_faces(checkpoint_path: str, inputs: str, output: str,
+                  options: FaceOptions = FaceOptions()) -> int:
+  """Restore the faces of every photo under `inputs` (a file or a folder) into `output`
+  (NAME.png, NAME_compare.png and NAME_faces/ per photo); returns the number of photos that
+  failed (unreadable, over max_pixels, or too large to enlarge)."""
   from spadnet_jax.faces import dlib_models, restore  # pylint: disable=import-outside-toplevel
+  batch_size, lr_kernel, upscale = options.batch_size, options.lr_kernel, options.upscale
+  min_face, max_face, max_pixels = options.min_face, options.max_face, options.max_pixels
   if upscale is not None and not 1 <= upscale <= 16:
     raise ValueError(f"--upscale {upscale:g}: must be between 1 and 16")
   files, failures = list_inputs(inputs), 0
   names = output_names(files)
   stems = [n[:-len(".png")] for n in names.values()]
   check_output(inputs, files, output, [f"{s}{end}" for s in stems for end in (".png", "_compare.png")])
-  models = dlib_models.load(detector)          # a missing extra is said before anything is made
+  models = dlib_models.load(options.detector)  # a missing extra is said before anything is made
   prepare_output(output)
   model, variables, step = checkpoint.load_model(checkpoint_path)
   upscale = float(model.scale if upscale is None else upscale)
@@ -238,7 +253,7 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: in
       failures += 1
       continue
     faces = restore.plan(models, photo, scale=model.scale, lr_kernel=lr_kernel,
-                         min_face=min_face, max_face=max_face, max_upsample=max_upsample)
+                         min_face=min_face, max_face=max_face, max_upsample=options.max_upsample)
     waiting.append((path, photo, faces))
     queue.extend(f for f in faces if f.lr_up is not None)
     run(full_only=len(waiting) <= batch_size)     # a part batch rather than photos piling up
@@ -250,7 +265,7 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str, batch_size: in
   return failures
 
 
-def _faces_line(faces) -> str:
+def _faces_line(faces: list[Any]) -> str:
   """'2 faces: 1 restored; face 2 left bicubic (too small: ...)' and the like."""
   if not faces:
     return "no face found; bicubic only"
@@ -292,20 +307,18 @@ def main(argv: list[str]) -> int:
   from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
   from spadnet_jax.faces import dlib_models  # pylint: disable=import-outside-toplevel
   cli.quiet_logging(a.verbosity >= 1)
-  try:
+
+  def run() -> int:
     if a.max_pixels is not None and a.max_pixels < 1:
       raise ValueError(f"--max_pixels {a.max_pixels:g}: must be at least 1")
     if a.faces:
-      return 1 if predict_faces(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel,
-                                a.upscale, a.detector, a.min_face, a.max_face,
-                                a.max_upsample, a.max_pixels or MAX_PHOTO_PIXELS) else 0
+      options = FaceOptions(a.batch_size, a.lr_kernel, a.upscale, a.detector, a.min_face,
+                            a.max_face, a.max_upsample, a.max_pixels or MAX_PHOTO_PIXELS)
+      return 1 if predict_faces(a.checkpoint, a.input, a.output, options) else 0
     return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel,
                         a.max_pixels or MAX_FACE_PIXELS) else 0
-  except (ValueError, OSError, dlib_models.MissingExtra) as e:
-    if a.verbosity >= 1:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+
+  return cli.one_line_errors(run, a.verbosity >= 1, (dlib_models.MissingExtra,))
 
 
 if __name__ == "__main__":

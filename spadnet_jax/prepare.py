@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
 import json
@@ -24,7 +25,7 @@ import pickle
 import re
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TextIO
 
 import numpy as np
 from PIL import Image
@@ -87,7 +88,15 @@ def _stat(path: str) -> list[int]:
 
 def prepare_one(models: dlib_models.FaceModels, root: str, name: str, staging: str,
                 settings: dict[str, Any], annotated: frame.Box | None) -> dict[str, Any]:
-  """One photo: its face written to `staging` (atomically) and the record saying so."""
+  """One photo: its face written to `staging` (atomically) and the record saying so.
+
+  Args:
+    models: dlib's detectors and landmark model.
+    root: the input folder; `name` is the photo's path relative to it.
+    staging: where the 128x128 face is written.
+    settings: the run's settings (settings.json).
+    annotated: CelebA's box for the photo, or None.
+  """
   path = os.path.join(root, name)
   record = {"name": name, "out": output_name(name), "stat": _stat(path), "version": VERSION}
   try:
@@ -117,7 +126,7 @@ class Progress:
   """done/total, the rate and the time left: one updating line on a terminal, a line per
   tenth of the work otherwise."""
 
-  def __init__(self, total: int, stream=sys.stderr):
+  def __init__(self, total: int, stream: TextIO = sys.stderr):
     self.total, self.done, self.stream = total, 0, stream
     self.start = time.monotonic()
     self.tty = stream.isatty()
@@ -315,29 +324,52 @@ def assemble(output: str, records: Iterable[dict[str, Any]], splits: dict[str, s
   return {s: len(by_split.get(s, {})) for s in sorted(names)}
 
 
-def prepare(input_dir: str, output: str, *, split: str = "train=0.9,test=0.1", seed: int = 0,
-            detector: str = "hog", workers: int = 1, min_face: int = 64,
-            expand: float = frame.EXPAND, max_upsample: int = 1,
-            max_pixels: float = images.MAX_PIXELS, overwrite: bool = False) -> dict[str, int]:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How photos become faces and splits: the command line's --flags of the same names."""
+  split: str = "train=0.9,test=0.1"   # fractions for a plain folder
+  seed: int = 0                       # orders a plain folder before the split
+  detector: str = "hog"               # dlib's HOG or CNN face detector
+  min_face: int = 64                  # smallest crop in photo pixels
+  expand: float = frame.EXPAND        # margin added to the face square
+  max_upsample: int = 1               # doublings of the photo for the small-face pass
+  max_pixels: float = images.MAX_PIXELS   # photos declaring more are skipped undecoded
+
+  def check(self) -> None:
+    """ValueError naming the first invalid option."""
+    photo_sets.parse_fractions(self.split)
+    if self.detector not in dlib_models.DETECTORS:
+      raise ValueError(f"--detector {self.detector!r}: use one of {', '.join(dlib_models.DETECTORS)}")
+    if self.min_face < 1:
+      raise ValueError(f"--min_face {self.min_face}: must be at least 1 px")
+    if not 0 <= self.expand <= 3:
+      raise ValueError(f"--expand {self.expand}: must be between 0 and 3")
+    if self.max_pixels < 1:
+      raise ValueError(f"--max_pixels {self.max_pixels:g}: must be at least 1")
+
+
+def prepare(input_dir: str, output: str, options: Options = Options(), *, workers: int = 1,
+            overwrite: bool = False) -> dict[str, int]:
   """Prepare `input_dir` into `output` (resuming earlier work there); the count per split.
 
-  An `output` holding files prepare did not write is refused unless `overwrite`; even then
-  prepare replaces only the files of the names it writes and removes only its own.
+  Args:
+    input_dir: the photos (CelebA, Helen or any folder, searched recursively).
+    output: the face_folder manual_dir written.
+    options: how photos become faces and splits.
+    workers: processes detecting faces.
+    overwrite: write into an `output` holding files prepare did not write (refused
+      otherwise); even then only files of the names it writes are replaced, and only its
+      own are removed.
   """
-  fractions = photo_sets.parse_fractions(split)
-  if detector not in dlib_models.DETECTORS:
-    raise ValueError(f"--detector {detector!r}: use one of {', '.join(dlib_models.DETECTORS)}")
-  if min_face < 1:
-    raise ValueError(f"--min_face {min_face}: must be at least 1 px")
-  if not 0 <= expand <= 3:
-    raise ValueError(f"--expand {expand}: must be between 0 and 3")
-  if max_pixels < 1:
-    raise ValueError(f"--max_pixels {max_pixels:g}: must be at least 1")
+  options.check()
+  fractions = photo_sets.parse_fractions(options.split)
+  detector, seed = options.detector, options.seed
   dlib_models.model_path(dlib_models.LANDMARKS_FILE)    # the extra is there, before any work
   photos = photo_sets.recognise(input_dir, exclude=output)
   print(f"input: {photos.describe()}", flush=True)
-  settings = {"kind": photos.kind, "detector": detector, "min_face": min_face,
-              "expand": expand, "max_upsample": max_upsample, "max_pixels": max_pixels}
+  settings = {"kind": photos.kind, "detector": detector, "min_face": options.min_face,
+              "expand": options.expand, "max_upsample": options.max_upsample,
+              "max_pixels": options.max_pixels}
   work = os.path.join(output, WORK)
   if os.path.exists(output) and not os.path.isdir(output):
     raise NotADirectoryError(f"--output {output} is a file; give a folder")
@@ -415,9 +447,9 @@ def main(argv: list[str]) -> int:
   p.add_argument("--verbosity", type=int, default=0, help="1: tracebacks")
   a = p.parse_args(argv)
   try:
-    prepare(a.input, a.output, split=a.split, seed=a.seed, detector=a.detector,
-            workers=a.workers, min_face=a.min_face, expand=a.expand, max_upsample=a.max_upsample,
-            max_pixels=a.max_pixels, overwrite=a.overwrite)
+    options = Options(split=a.split, seed=a.seed, detector=a.detector, min_face=a.min_face,
+                      expand=a.expand, max_upsample=a.max_upsample, max_pixels=a.max_pixels)
+    prepare(a.input, a.output, options, workers=a.workers, overwrite=a.overwrite)
   except (ValueError, OSError, dlib_models.MissingExtra) as e:
     if a.verbosity >= 1:
       raise

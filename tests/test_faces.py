@@ -203,8 +203,8 @@ def prepared(models, tmp_path_factory):
   del models
   root = tmp_path_factory.mktemp("prep")
   _photo_folder(root / "photos")
-  counts = prepare.prepare(str(root / "photos"), str(root / "out"), split="train=0.7,test=0.3",
-                           workers=2)
+  counts = prepare.prepare(str(root / "photos"), str(root / "out"),
+                           prepare.Options(split="train=0.7,test=0.3"), workers=2)
   return root, counts
 
 
@@ -239,10 +239,12 @@ def test_prepare_crops_real_photos_and_reports_the_rest(prepared):
 
 def test_prepare_is_the_same_with_one_worker_and_resumes(prepared, tmp_path, capsys):
   root, _ = prepared
-  prepare.prepare(str(root / "photos"), str(tmp_path / "one"), split="train=0.7,test=0.3", workers=1)
+  prepare.prepare(str(root / "photos"), str(tmp_path / "one"),
+                  prepare.Options(split="train=0.7,test=0.3"), workers=1)
   assert _tree(tmp_path / "one") == _tree(root / "out")
   capsys.readouterr()
-  prepare.prepare(str(root / "photos"), str(tmp_path / "one"), split="train=0.7,test=0.3", workers=1)
+  prepare.prepare(str(root / "photos"), str(tmp_path / "one"),
+                  prepare.Options(split="train=0.7,test=0.3"), workers=1)
   assert "resuming: 10 photos already done, 0 to go" in capsys.readouterr().out
   assert prepare.main(["--input", str(root / "photos"), "--output", str(tmp_path / "one"),
                        "--detector", "cnn"]) == 1
@@ -260,7 +262,7 @@ def test_prepare_into_its_own_input_folder_and_after_a_photo_is_removed(models, 
   Image.fromarray(real_photos.resized(real_photos.astronaut(), 256)).save(photos / "a.png")
   Image.fromarray(real_photos.resized(real_photos.hopper(), 256)).save(photos / "b.png")
   out = photos / "prepared"                  # inside the input: never read as photos
-  kw = dict(split="train=0.5,test=0.5", workers=1, min_face=32)
+  kw = dict(options=prepare.Options(split="train=0.5,test=0.5", min_face=32), workers=1)
   assert prepare.prepare(str(photos), str(out), **kw) == {"test": 1, "train": 1}
   (photos / "b.png").unlink()
   capsys.readouterr()
@@ -274,6 +276,7 @@ def test_prepare_into_its_own_input_folder_and_after_a_photo_is_removed(models, 
   assert (out / prepare.REPORT).read_text().splitlines()[1:] == ["a.png\tok\ttrain"]
 
 
+@pytest.mark.slow
 def test_prepare_interrupted_by_a_signal_resumes_to_the_same_output(prepared, tmp_path):
   root, _ = prepared
   args = [sys.executable, "-m", "spadnet_jax.prepare", f"--input={root / 'photos'}",
@@ -301,6 +304,7 @@ def _children(pid: int) -> list[int]:
   return kids
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_one_error_line_and_the_rerun_completes(prepared, tmp_path):
   root, _ = prepared
   args = [sys.executable, "-m", "spadnet_jax.prepare", f"--input={root / 'photos'}",
@@ -413,6 +417,7 @@ def test_prepared_photos_build_and_train(trained_on_photos, prepared):
     np.testing.assert_allclose(example["landmarks"], table[name], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_faces_restores_photos_of_any_size(trained_on_photos, tmp_path):
   workdir, _ = trained_on_photos
   src = tmp_path / "in"
