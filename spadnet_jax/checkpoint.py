@@ -226,7 +226,16 @@ def _train_item(state: Any) -> dict[str, Any]:
 
 def save_train(mngr: ocp.CheckpointManager, step: int, model: SPADNet, state: Any,
                position: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-  """Start saving a training state (asynchronously where the manager is async)."""
+  """Start saving a training state (asynchronously where the manager is async).
+
+  Args:
+    mngr: the run's manager (manager(), with training's retention).
+    step: the step saved.
+    model: written as the 'model' item, so the checkpoint alone rebuilds it.
+    state: the train_step.TrainState.
+    position: examples of the training sequence consumed, and the batch size.
+    metrics: validation metrics ('psnr_y') for keep-best, or None.
+  """
   mngr.save(step, args=ocp.args.Composite(
       model=ocp.args.JsonSave(models.to_config(model)),
       params=ocp.args.StandardSave({"params": train_step.inference_params(state)}),
@@ -286,6 +295,13 @@ def resume(directory: str, step: int | None, abstract: Any, report: Report,
   Steps newer than the one restored (damaged ones, or all newer ones when `step` is
   given) are moved to checkpoints.set_aside/ so that training can go on from it; nothing
   is deleted. Returns (state, position), or None when there is nothing to resume.
+
+  Args:
+    directory: the run's checkpoints folder.
+    step: the step asked for (--step), or None for the newest intact one.
+    abstract: the train state's layout (ShapeDtypeStructs with the new shardings).
+    report: prints a line (the primary process's printer).
+    is_main: whether this process seals, and sets steps aside, for all.
   """
   if is_main:
     for s in seal_finalized(directory):
@@ -464,13 +480,18 @@ def load_model(path: str, step: int | None = None, shardings: Any = None,
                **overrides: Any) -> tuple[SPADNet, Any, int]:
   """Rebuild the model and restore its variables from a checkpoint.
 
-  `path` is a manager directory (the newest intact step, or `step`) or one step folder.
   The step's checksums are verified; a damaged newest step is reported through `report`
-  and the previous one used, an explicit damaged step fails (DamagedCheckpoint).
-  `overrides` change fields that do not alter parameters (e.g. pac_impl, dtype).
-  Parameters whose shapes differ from what the configuration implies are reported by
-  name. `shardings` (a pytree of jax.sharding.Sharding, or one for all leaves) places
-  the restored arrays; default: replicated on the first device.
+  and the previous one used, an explicit damaged step fails (DamagedCheckpoint). The
+  stored model configuration is checked against the stored parameters before anything is
+  traced; parameters whose shapes differ from what it implies are reported by name.
+
+  Args:
+    path: a manager directory (the newest intact step, or `step`) or one step folder.
+    step: the step to load, or None.
+    shardings: a pytree of jax.sharding.Sharding, or one for all leaves, placing the
+      restored arrays (default: the first device).
+    report: prints what was skipped (a damaged newest step).
+    **overrides: fields that do not alter parameters (e.g. pac_impl, dtype).
   """
   directory, step = _manager_dir_and_step(path, step)
   if shardings is None:

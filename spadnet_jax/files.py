@@ -61,7 +61,7 @@ class WorkdirLock:
     self._file = f
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, *exc: object) -> None:
     if self._file is not None:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import types
 from typing import Any, Callable
 
 import jax
@@ -27,7 +28,7 @@ class EarlySignal:
     self.received = False
     self.previous: Any = signal.SIG_DFL
 
-  def __call__(self, signum, frame) -> None:
+  def __call__(self, signum: int, frame: types.FrameType | None) -> None:
     del signum, frame
     self.received = True
 
@@ -64,11 +65,11 @@ class StopRequest:
       signal.siginterrupt(signal.SIGTERM, False)
     return self
 
-  def _handle(self, signum, frame) -> None:
+  def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     del signum, frame
     self.requested = True
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, *exc: object) -> None:
     # After a stop was requested the process is winding down: a second SIGTERM during its
     # teardown must not turn the preempted exit into death by signal, so the flag stays.
     if self._previous is not None and not self.requested:

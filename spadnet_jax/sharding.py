@@ -59,7 +59,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ()
   rule's spec 'fsdp_auto' (or no matching rule) means _fsdp_spec."""
   size = mesh.shape["fsdp"]
 
-  def spec(path, leaf):
+  def spec(path: tuple[Any, ...], leaf: Any) -> P:
     name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     shape = tuple(getattr(leaf, "shape", ()))
     for pattern, rule in rules:

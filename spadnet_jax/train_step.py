@@ -38,7 +38,8 @@ def train_metrics(loss_terms: Mapping[str, float]) -> type[clu_metrics.Collectio
       learning_rate=clu_metrics.LastValue.from_output("learning_rate"))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam with the paper's step decay (factor at each boundary epoch), optional clipping."""
   o = cfg.optimizer
   boundaries = {int(e * steps_per_epoch): o.decay_factor for e in o.decay_epochs}
@@ -63,7 +64,7 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
+def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     loss_terms: Mapping[str, float], ema_decay: float,
                     compute_params_sharding: Any = None) -> Callable:
   """(state, batch) -> (state, metrics), the loss being config.loss's weighted terms
@@ -71,18 +72,23 @@ def make_train_step(model: SPADNet, tx: optax.GradientTransformation, schedule,
   norm and the updated parameters' norm are finite; Adam's moments and the EMA are then
   convex combinations of finite values, so the whole new state is finite.
 
-  `compute_params_sharding` (sharding.gathered_params): where the parameters are while the
-  model runs; None leaves them as stored.
+  Args:
+    model: the SPADNet trained.
+    tx: the optimizer; schedule: its learning rate per step (logged).
+    loss_terms: registered loss terms and their weights.
+    ema_decay: the EMA of the weights kept beside them (0: none).
+    compute_params_sharding: where the parameters are while the model runs
+      (sharding.gathered_params); None leaves them as stored.
   """
   metrics_cls = train_metrics(loss_terms)
 
-  def loss_fn(params, batch):
+  def loss_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     if compute_params_sharding is not None:
       params = jax.lax.with_sharding_constraint(params, compute_params_sharding)
     sr, hm = model.apply({"params": params}, batch["lr_up"])
     return losses.total(loss_terms, {"sr": sr, "heatmap": hm}, batch)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Any]:
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -22,8 +22,17 @@ def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
   return 0.5 * image * (1 - alpha) + colour * alpha + 0.5 * image * alpha
 
 
-def comparison_row(lr, lr_up, sr, hr, heatmap=None) -> np.ndarray:
-  """LR (nearest) | bicubic | SR | HR | heatmap overlay, side by side, (H, k*W, 3)."""
+def comparison_row(lr: np.ndarray, lr_up: np.ndarray, sr: np.ndarray, hr: np.ndarray,
+                   heatmap: np.ndarray | None = None) -> np.ndarray:
+  """LR (nearest) | bicubic | SR | HR | heatmap overlay, side by side, (H, k*W, 3).
+
+  Args:
+    lr: the (h, w, 3) LR input, enlarged by nearest neighbour.
+    lr_up: its bicubic upsampling (the network input).
+    sr: the network's output (clipped to [0, 1]).
+    hr: the ground truth.
+    heatmap: the predicted (H, W, 5) heatmaps, overlaid on the HR, or None.
+  """
   size = hr.shape[0]
   lr = np.repeat(np.repeat(lr, size // lr.shape[0], axis=0), size // lr.shape[1], axis=1)
   cols = [lr, lr_up, np.clip(sr, 0, 1), hr]

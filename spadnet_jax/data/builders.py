@@ -65,12 +65,14 @@ class SyntheticFaces(_PreparedOnce, tfds.core.GeneratorBasedBuilder):
         description="Synthetic faces drawn from a parametric 68-landmark template.",
         features=_features(), supervised_keys=None)
 
-  def _split_generators(self, dl_manager):
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager
+                        ) -> dict[str, Iterator[tuple[str, dict[str, Any]]]]:
     del dl_manager
     return {"train": self._generate_examples(0, self.builder_config.num_train),
             "test": self._generate_examples(10_000_000, self.builder_config.num_test)}
 
-  def _generate_examples(self, first_seed: int, count: int):
+  def _generate_examples(self, first_seed: int,
+                         count: int) -> Iterator[tuple[str, dict[str, Any]]]:
     for i in range(count):
       image, points = synthetic.draw_face(first_seed + i)
       name = f"face_{first_seed + i:08d}.png"
@@ -175,7 +177,8 @@ class FaceFolder(_PreparedOnce, tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         description="Face SR data in the DIC/SPADNet folder layout.", features=_features())
 
-  def _split_generators(self, dl_manager):
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager
+                        ) -> dict[str, Iterator[tuple[str, dict[str, Any]]]]:
     root = os.fspath(dl_manager.manual_dir)
     splits = {}
     for split in ("train", "test"):

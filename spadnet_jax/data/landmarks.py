@@ -37,7 +37,14 @@ def heatmaps(landmarks: np.ndarray, size: int = 128, sigma: float = 1.0,
   """(L, 2) landmarks -> (size, size, len(groups)) float32 sums of unnormalised Gaussians.
 
   Separable: each group is gy^T @ gx over its landmarks, so 68 Gaussians cost five small
-  matrix products instead of 68 full-image exponentials. `valid` (L,) masks landmarks out.
+  matrix products instead of 68 full-image exponentials.
+
+  Args:
+    landmarks: (L, 2) [x, y] in pixels, pixel centres at integers.
+    size: the heatmaps' side.
+    sigma: the Gaussians' standard deviation in pixels.
+    groups: landmark indices summed into each channel (GROUPS: the official five).
+    valid: (L,) mask; False landmarks are left out.
   """
   grid = np.arange(size, dtype=np.float32)
   lm = np.asarray(landmarks, np.float32)
@@ -53,7 +60,8 @@ def heatmaps(landmarks: np.ndarray, size: int = 128, sigma: float = 1.0,
   return out
 
 
-def hflip(image: np.ndarray, landmarks: np.ndarray, mirror: np.ndarray = MIRROR):
+def hflip(image: np.ndarray, landmarks: np.ndarray,
+          mirror: np.ndarray = MIRROR) -> tuple[np.ndarray, np.ndarray]:
   """Mirror an (H, W, C) image and its landmarks; relabels points so left stays left."""
   w = image.shape[1]
   lm = np.asarray(landmarks, np.float32).copy()
@@ -61,7 +69,7 @@ def hflip(image: np.ndarray, landmarks: np.ndarray, mirror: np.ndarray = MIRROR)
   return image[:, ::-1], lm[mirror]
 
 
-def rot90(image: np.ndarray, landmarks: np.ndarray, k: int):
+def rot90(image: np.ndarray, landmarks: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """Rotate image and landmarks by k*90 degrees counter-clockwise (np.rot90 on H, W)."""
   lm = np.asarray(landmarks, np.float32).copy()
   for _ in range(k % 4):

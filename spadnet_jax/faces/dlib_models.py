@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import types
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ def model_path(name: str) -> str:
   return path
 
 
-def _dlib():
+def _dlib() -> types.ModuleType:
   try:
     import dlib  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -88,7 +89,7 @@ class FaceModels:
     return (points + 0.5) / k - 0.5 + np.array([cx0, cy0], np.float32)
 
 
-def _edges(rect) -> tuple[float, float, float, float]:
+def _edges(rect: Any) -> tuple[float, float, float, float]:
   """dlib's inclusive pixel rectangle as pixel-edge coordinates."""
   return (float(rect.left()), float(rect.top()), float(rect.right() + 1), float(rect.bottom() + 1))
 

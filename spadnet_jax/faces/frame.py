@@ -58,7 +58,7 @@ def rotation(angle: float) -> np.ndarray:
   return np.array([[c, -s], [s, c]])
 
 
-def affine(linear: np.ndarray, shift) -> np.ndarray:
+def affine(linear: np.ndarray, shift: np.ndarray | tuple[float, float]) -> np.ndarray:
   return np.concatenate([np.asarray(linear, np.float64), np.asarray(shift, np.float64)[:, None]], 1)
 
 

@@ -31,7 +31,16 @@ class Face:
 def plan(models: FaceModels, image: np.ndarray, *, scale: int, lr_kernel: str = "pil",
          min_face: float, max_face: float, max_upsample: int = 3) -> list[Face]:
   """Detect, check and align every face of an (H, W, 3) uint8 photo; each usable face gets
-  its LR input: the aligned face degraded exactly as training degraded HR faces."""
+  its LR input: the aligned face degraded exactly as training degraded HR faces.
+
+  Args:
+    models: dlib's detectors and landmark model.
+    image: the photo.
+    scale: the model's SR factor.
+    lr_kernel: the LR synthesis the model was trained with.
+    min_face, max_face: the face sizes (photo px) restored; others get a problem.
+    max_upsample: doublings of the photo for the small-face pass.
+  """
   faces = []
   for i, det in enumerate(detect.find_faces(models, image, max_upsample), 1):
     to_frame = frame.aligned_frame(det.landmarks, HR_SIZE)

@@ -19,13 +19,13 @@ def remat_call(block: nn.Module, *args: Any) -> Any:
   """block(*args), keeping only its parameters and inputs for the backward pass."""
   unbound = block.clone(parent=None)
 
-  def fn(mdl, *a):
+  def fn(mdl: nn.Module, *a: Any) -> Any:
     return mdl(*a)
 
-  def fwd(mdl, *a):
+  def fwd(mdl: nn.Module, *a: Any) -> tuple[Any, tuple[Any, tuple[Any, ...]]]:
     return mdl(*a), (mdl.variables["params"], a)
 
-  def bwd(res, out_t):
+  def bwd(res: tuple[Any, tuple[Any, ...]], out_t: Any) -> tuple[Any, ...]:
     params, a = res
     _, vjp = jax.vjp(lambda p, *xs: unbound.apply({"params": p}, *xs), params, *ops.after(a, out_t))
     params_t, *args_t = vjp(out_t)

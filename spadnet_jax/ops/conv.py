@@ -14,11 +14,11 @@ def bias_add(y: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   return y + b
 
 
-def _bias_add_fwd(y, b):
+def _bias_add_fwd(y: jnp.ndarray, b: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   return y + b, b
 
 
-def _bias_add_bwd(b, g):
+def _bias_add_bwd(b: jnp.ndarray, g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   return g, channel_sum(g).astype(b.dtype)
 
 

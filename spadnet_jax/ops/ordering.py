@@ -20,11 +20,11 @@ from spadnet_jax.ops.dispatch import by_platform
 
 def after(tree: Any, cotangent: Any) -> Any:
   """`tree` unchanged, as new values that exist only once `cotangent` does."""
-  def on_cpu(tree, cotangent):
+  def on_cpu(tree: Any, cotangent: Any) -> Any:
     probe = jax.tree_util.tree_leaves(cotangent)[0].reshape(-1)[0]
     return jax.tree_util.tree_map(lambda v: v + (probe - probe).astype(v.dtype), tree)
 
-  def with_barrier(tree, cotangent):
+  def with_barrier(tree: Any, cotangent: Any) -> Any:
     return jax.lax.optimization_barrier((tree, cotangent))[0]
 
   return by_platform(on_cpu, with_barrier, tree, cotangent)

@@ -70,7 +70,7 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
   x_pad, wt = pad_window(x, ksize), jnp.asarray(w).reshape(ksize * ksize, *w.shape[2:])
   out_shape = x.shape[:3] + w.shape[3:]
 
-  def tap(t, out):                  # k_t scales rows, so it applies after the product
+  def tap(t: jnp.ndarray, out: jnp.ndarray) -> jnp.ndarray:                  # k_t scales rows, so it applies after the product
     y = jnp.einsum("nhwc,co->nhwo", x_pad, wt[t], preferred_element_type=acc)
     return out + tap_slice(y, t, ksize, out_shape) * jax.lax.dynamic_slice_in_dim(k, t, 1, 3)
 
@@ -81,15 +81,20 @@ def pac_conv_fused(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
 register_formulation("fused")(pac_conv_fused)
 
 
-def _fused_fwd(x, k, w, b):
+_Residuals = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray | None]
+_Grads = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray | None]
+
+
+def _fused_fwd(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
+               b: jnp.ndarray | None) -> tuple[jnp.ndarray, _Residuals]:
   return pac_conv_fused(x, k, w, b), (x, k, w, b)
 
 
-def _fused_bwd(res, g):
+def _fused_bwd(res: _Residuals, g: jnp.ndarray) -> _Grads:
   return by_platform(_fused_bwd_banded, _fused_bwd_unfolded, res, g)
 
 
-def _fused_bwd_unfolded(res, g):
+def _fused_bwd_unfolded(res: _Residuals, g: jnp.ndarray) -> _Grads:
   """The accelerators' backward pass: the autodiff of pac_conv_einsum, whose wide products
   (one dout @ w^T over all taps, one weight gradient) keep matrix units busier than nine
   narrow products; memory is not what limits it there."""
@@ -102,7 +107,7 @@ def band_rows(height: int, row_pixels: int, pixels: int = 1024) -> int:
   return max([r for r in range(1, height + 1) if height % r == 0 and r * row_pixels <= pixels] or [1])
 
 
-def _fused_bwd_banded(res, g, rows: int | None = None):
+def _fused_bwd_banded(res: _Residuals, g: jnp.ndarray, rows: int | None = None) -> _Grads:
   """The CPU backward pass: every gradient computed band by band of rows of the whole batch.
 
   A band (about 1024 pixels, `rows` rows of every image) is unfolded once, u = the nine
@@ -123,7 +128,8 @@ def _fused_bwd_banded(res, g, rows: int | None = None):
   rows = rows or band_rows(height, n * width)
   r, taps = ksize // 2, list(window_offsets(ksize))
 
-  def band(i, carry):
+  def band(i: jnp.ndarray, carry: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]
+           ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     dx_pad, dk, dw_t = carry
     top = i * rows
     xs = jax.lax.dynamic_slice(x_pad, (0, top, 0, 0), (n, rows + ksize - 1, x_pad.shape[2], cin))
@@ -162,5 +168,13 @@ def pac_conv_auto(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray,
 
 def pac_conv(x: jnp.ndarray, k: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None,
              impl: str = "auto") -> jnp.ndarray:
-  """Pixel-adaptive convolution with the registered formulation named by `impl`."""
+  """Pixel-adaptive convolution with the registered formulation named by `impl`.
+
+  Args:
+    x: (N, H, W, Cin) input.
+    k: (N, H, W, T) per-pixel kernel, T = ksize * ksize taps.
+    w: (ksize, ksize, Cin, Cout) weights.
+    b: (Cout,) bias, or None.
+    impl: a registered formulation (PAC_IMPLS); all give the same outputs.
+  """
   return PAC_IMPLS.lookup(impl)(x, k, w, b)

@@ -67,7 +67,7 @@ def squared_distances(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   h_wide, grid = _wide_grid(h, ksize)
   out = h.shape[:3] + (1,)
 
-  def pair(j, d):                   # E[q] = |h(q + off(t)) - h(q)|^2 on the padded grid
+  def pair(j: jnp.ndarray, d: jnp.ndarray) -> jnp.ndarray:                   # E[q] = |h(q + off(t)) - h(q)|^2 on the padded grid
     t = centre + 1 + j
     diff = _pair_diff(h_wide, t, ksize, grid)
     e = feature_sum(diff * diff)
@@ -89,12 +89,13 @@ def gaussian_kernel(h: jnp.ndarray, ksize: int = 3) -> jnp.ndarray:
   return jnp.exp(-0.5 * squared_distances(h, ksize))
 
 
-def _gaussian_fwd(h, ksize):
+def _gaussian_fwd(h: jnp.ndarray, ksize: int) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
   k = gaussian_kernel(h, ksize)
   return k, (h, k)
 
 
-def _gaussian_bwd(ksize, res, dk):
+def _gaussian_bwd(ksize: int, res: tuple[jnp.ndarray, jnp.ndarray],
+                  dk: jnp.ndarray) -> tuple[jnp.ndarray]:
   """dh[q] = 2 sum_t c_t[q] (h[q] - h[q + off(t)]), c_t[q] = b_t[q] + b_mirror(t)[q + off(t)].
 
   b = dL/dd = -0.5 dk k. Each distance d_t[p] = |h[p + off(t)] - h[p]|^2 involves two pixels;
@@ -123,6 +124,12 @@ def inverse_kernel(h: jnp.ndarray, ksize: int = 3, alpha: jnp.ndarray | float = 
   """PAC paper's inverse kernel: alpha + (||h_q - h_p||^2 + eps)^(lam / 2).
 
   With lam < 0 the weight falls with feature distance like an inverse power.
+
+  Args:
+    h: (N, H, W, Cg) guidance features.
+    ksize: the window's side.
+    alpha, lam: the kernel's learnable scalars (the layer's parameters).
+    eps: keeps the power finite at zero distance.
   """
   return alpha + jnp.power(squared_distances(h, ksize) + eps, 0.5 * lam)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from spadnet_jax.ops.dispatch import by_platform
 
 
-def accumulation_dtype(dtype) -> jnp.dtype:
+def accumulation_dtype(dtype: jnp.dtype | type) -> jnp.dtype:
   """Accumulate in at least float32, so bfloat16 models sum taps and channels exactly enough."""
   return jnp.promote_types(dtype, jnp.float32)
 
@@ -23,7 +23,7 @@ def channel_sum(g: jnp.ndarray) -> jnp.ndarray:
   """
   acc = accumulation_dtype(g.dtype)
 
-  def by_matmul(g):
+  def by_matmul(g: jnp.ndarray) -> jnp.ndarray:
     rows = g.reshape(-1, g.shape[-1])
     return jnp.matmul(jnp.ones((rows.shape[0],), rows.dtype), rows, preferred_element_type=acc)
 
@@ -37,7 +37,7 @@ def feature_sum(v: jnp.ndarray) -> jnp.ndarray:
   """
   acc = accumulation_dtype(v.dtype)
 
-  def by_matmul(v):
+  def by_matmul(v: jnp.ndarray) -> jnp.ndarray:
     return jnp.matmul(v, jnp.ones((v.shape[-1], 1), v.dtype), preferred_element_type=acc)
 
   return by_platform(by_matmul, lambda v: jnp.sum(v, -1, keepdims=True, dtype=acc), v)

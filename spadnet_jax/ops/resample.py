@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+import types
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,8 +74,12 @@ def antialiased_matrix(in_size: int, out_size: int, kernel: Callable[[np.ndarray
                        support: float, border: str) -> np.ndarray:
   """(out, in) matrix of an antialiased resize (kernel stretched by the scale when shrinking).
 
-  border='clip' drops taps outside the image and renormalises (Pillow); 'symmetric'
-  mirrors them back into the image (MATLAB imresize).
+  Args:
+    in_size, out_size: the axis's length before and after.
+    kernel: the interpolation kernel, taking distances in input pixels.
+    support: the kernel's half-width at scale 1.
+    border: 'clip' drops taps outside the image and renormalises (Pillow); 'symmetric'
+      mirrors them back into the image (MATLAB imresize).
   """
   scale = out_size / in_size
   stretch = min(scale, 1.0)
@@ -121,7 +126,7 @@ def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
   return m
 
 
-def resize(x, size: tuple[int, int], method: str, xp=jnp):
+def resize(x: Any, size: tuple[int, int], method: str, xp: types.ModuleType = jnp) -> Any:
   """Resize the two spatial axes of (..., H, W, C) `x` to `size` with `method`.
 
   Two matrix products (rows, then columns). `xp` is jax.numpy (default, traceable) or

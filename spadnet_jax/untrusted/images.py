@@ -31,8 +31,10 @@ def _megapixels(pixels: float) -> str:
   return f"{pixels / 1e6:.3g} megapixels"
 
 
-def too_large(path: str, width: int, height: int, max_pixels: float, limit: str) -> str:
-  """The one-line refusal of an image over a limit; `limit` names the setting."""
+def too_large(path: str, size: tuple[int, int], max_pixels: float, limit: str) -> str:
+  """The one-line refusal of an image of `size` (width, height) over a limit; `limit`
+  names the setting."""
+  width, height = size
   return (f"{path}: image is {width}x{height} ({_megapixels(width * height)}), over the "
           f"{_megapixels(max_pixels)} limit ({limit})")
 
@@ -88,8 +90,13 @@ def load_rgb(path: str, max_pixels: float, limit: str, *, min_side: int | None =
   """Decode an image file to 8-bit RGB, refusing it (ValueError naming the file and its
   size) when its header declares more than `max_pixels`; `limit` names the setting.
 
-  With `min_side`, a JPEG over the limit is decoded reduced instead, as long as its
-  shorter side keeps `min_side` pixels. `upright` applies the EXIF orientation.
+  Args:
+    path: the image file.
+    max_pixels: the most pixels its header may declare.
+    limit: the setting that holds `max_pixels`, for the message (e.g. '--max_pixels').
+    min_side: when given, a JPEG over the limit is decoded reduced instead, as long as its
+      shorter side keeps `min_side` pixels.
+    upright: apply the EXIF orientation (photos).
   """
   with _open(path) as im:
     width, height = im.size
@@ -97,7 +104,7 @@ def load_rgb(path: str, max_pixels: float, limit: str, *, min_side: int | None =
     if width * height > max_pixels:
       factor = _draft(im, max_pixels, min_side) if min_side else 1
       if factor == 1:
-        raise ValueError(too_large(path, width, height, max_pixels, limit))
+        raise ValueError(too_large(path, (width, height), max_pixels, limit))
       note = (f"decoded at 1/{factor} scale ({im.size[0]}x{im.size[1]}; the file is "
               f"{width}x{height}, over the {_megapixels(max_pixels)} limit ({limit}))")
     mode = im.mode
