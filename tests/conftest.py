@@ -46,6 +46,7 @@ def pytest_sessionstart(session):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+@pytest.hookimpl(trylast=True)     # after -m has deselected what will not run
 def pytest_collection_modifyitems(config, items):
   """Start tests/test_tpu.py's TPU compilation (minutes of one process, mostly one core) in
   the background as soon as it is selected; its test collects the result. Under xdist the

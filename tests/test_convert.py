@@ -117,6 +117,7 @@ def _cli(*args):
                         capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_npz_to_orbax_and_back(official, tmp_path):
   path, sd, _ = official
   out = tmp_path / "converted"

@@ -94,6 +94,7 @@ def test_damaged_newest_step_falls_back_and_explicit_step_fails(trained, tmp_pat
     checkpoint.load_model(ckpts, step=4)
 
 
+@pytest.mark.slow
 def test_eval_falls_back_from_a_damaged_step_and_refuses_it_by_name(trained, tmp_path):
   work, ckpts = _copy(trained, tmp_path)
   _flip(_largest_param_file(ckpts, 4))
@@ -128,6 +129,7 @@ def test_non_finite_parameters_are_never_loaded(trained, tmp_path, data_dir):
     checkpoint.load_model(str(tmp_path / "nan"))
 
 
+@pytest.mark.slow
 def test_eval_exits_non_zero_on_non_finite_metrics(trained, tmp_path, data_dir):
   model, variables, _ = checkpoint.load_model(os.path.join(trained, "checkpoints"))
   huge = jax.tree_util.tree_map(lambda a: np.asarray(a) * 1e30, variables)   # finite weights
@@ -141,6 +143,7 @@ def test_eval_exits_non_zero_on_non_finite_metrics(trained, tmp_path, data_dir):
   assert "non-finite psnr_y" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_workdir_in_use_is_refused_and_a_killed_one_does_not_block(
     tmp_path, data_dir):
   work = str(tmp_path / "work")
@@ -175,6 +178,7 @@ def small_disk(tmp_path):
   subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_message_and_the_rerun_resumes(trained, small_disk, data_dir):
   work = str(small_disk / "work")
   shutil.copytree(trained, work)
@@ -231,6 +235,7 @@ def _predict(checkpoint_path, src, out):
                         text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_predict_refuses_empty_input_and_a_file_as_output_and_never_overwrites(trained, tmp_path):
   ckpts = os.path.join(trained, "checkpoints")
   empty = tmp_path / "empty"

@@ -11,6 +11,8 @@ import spadnet_jax.data  # noqa: F401  (registers the tfds builders)
 from spadnet_jax import checkpoint
 from tests.train_helpers import losses, run_train, start_processes, wait_for_line
 
+pytestmark = pytest.mark.slow     # every test here starts processes
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

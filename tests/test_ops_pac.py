@@ -238,6 +238,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_fused_gradient_keeps_a_batch_sharded_over_devices_in_place():
   """8 simulated CPU devices, batch-sharded: right gradients, and no device gathers the batch."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

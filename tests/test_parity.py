@@ -30,6 +30,7 @@ def test_every_pac_formulation_keeps_parity(impl):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_paper_size_x8():
   model = _check("official_x8")
   assert (model.scale, model.n_feats, model.number, model.num_habs) == (8, 64, 6, 5)

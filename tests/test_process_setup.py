@@ -28,6 +28,7 @@ def test_no_restart_where_there_is_nothing_to_do():
   assert restart({}, argv=None) is None and restart({}, argv=[]) is None
 
 
+@pytest.mark.slow
 def test_restart_runs_the_program_once_with_the_tunable():
   code = ("import os, sys; from spadnet_jax import process_setup; print('start', flush=True); "
           "process_setup.restart_with_malloc_tunables(); print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
@@ -48,6 +49,7 @@ def test_configure_xla_cpu_keeps_the_users_flags(monkeypatch):
   assert os.environ["XLA_FLAGS"] == "--foo --xla_cpu_experimental_ynn_fusion_type="
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verbose", [False, True])
 def test_tensorflow_import_is_silent_unless_verbosity_asks(verbose):
   """TensorFlow (imported for TensorBoard events) prints its oneDNN and CPU notices at import

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 SKIP_MARK = "# needs "     # a first line saying what a snippet needs that the tests lack
@@ -15,6 +17,7 @@ def snippets() -> list[str]:
   return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
 
 
+@pytest.mark.slow
 def test_readme_snippets_run_from_another_directory(tmp_path):
   blocks = snippets()
   runnable = [b for b in blocks if not b.startswith(SKIP_MARK)]

@@ -146,6 +146,7 @@ def tiny_tpu_compile(request) -> TinyCompile:
   return run if run is not None else TinyCompile()
 
 
+@pytest.mark.slow
 def test_tiny_train_step_compiles_for_a_v5e_2x2_slice(tiny_tpu_compile):
   """The CLI compiles the trainer's own step over a (data 2, fsdp 2) mesh of 4 abstract v5e
   chips: gradients are all-reduced over data, FSDP parameters gathered, memory reported."""

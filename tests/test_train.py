@@ -162,6 +162,7 @@ def test_batch_not_divisible_by_devices_is_named(data_dir):
     trainer.validate_config(tiny_config(data_dir, batch_size=6), 4)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_and_restore_onto_one(tmp_path, data_dir):
   one = run_train(str(tmp_path / "one"), data_dir, "--config.num_train_steps=4")
   eight = run_train(str(tmp_path / "eight"), data_dir, "--config.num_train_steps=2", devices=8)
@@ -190,6 +191,7 @@ def test_eight_devices_match_one_and_restore_onto_one(tmp_path, data_dir):
     assert l_resumed[s] == pytest.approx(l1[s], rel=2e-3, abs=2e-4)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_dir):
   p = run_train(str(tmp_path), data_dir, "--config.num_train_steps=100000",
                 "--config.checkpoint_every=100000", popen=True)
@@ -207,6 +209,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_dir):
   assert step >= 2
 
 
+@pytest.mark.slow
 def test_sigterm_while_starting_or_compiling_stops_before_the_first_step(tmp_path, data_dir):
   p = run_train(str(tmp_path), data_dir, popen=True)
   head = wait_for_line(p, "data: ")        # printed before the train state, resume and compile
@@ -257,6 +260,7 @@ def test_rerunning_a_finished_run_evaluates_without_compiling_the_train_step(
   assert summary["step"] == 2 and np.isfinite(summary["psnr_y"])
 
 
+@pytest.mark.slow
 def test_help_lists_flags_and_every_config_field_and_exits_0():
   r = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True,
                      text=True, timeout=120, env={**os.environ, "SPADNET_NO_RESTART": "1"})
@@ -272,6 +276,7 @@ def test_help_lists_flags_and_every_config_field_and_exits_0():
   assert all(re.match(r"^  \S+ = .*\S  +\S", l) for l in rows), [l for l in rows if "  " not in l[2:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,message", [
     ("--config.foo=1", "error: config has no field 'foo' (tests/tiny_config.py)"),
     ("--config.optimizer.learning_rat=1", "error: config has no field 'optimizer.learning_rat' "

@@ -166,6 +166,7 @@ def _convert(*args):
                         capture_output=True, text=True, env=ENV, timeout=120)
 
 
+@pytest.mark.slow
 def test_convert_refuses_a_stray_block_key_and_non_finite_weights_by_name(tmp_path):
   sd = convert.load_state_dict(fixture_path("official_x4_small"))
   stray = tmp_path / "stray.npz"
@@ -227,6 +228,7 @@ def test_an_edited_model_configuration_is_refused_naming_the_field(tiny_checkpoi
     checkpoint.load_model(str(root))
 
 
+@pytest.mark.slow
 def test_predict_refuses_an_absurd_checkpoint_in_one_line_within_seconds(tiny_checkpoint, tmp_path):
   root = _edited(tiny_checkpoint, tmp_path, number=1_000_000)
   src = tmp_path / "in"
@@ -306,6 +308,7 @@ _PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
          "sys.exit(r.returncode)")
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_with_a_decompression_bomb_writes_the_good_face_in_bounded_memory(
     tiny_checkpoint, tmp_path):
   src = tmp_path / "in"
