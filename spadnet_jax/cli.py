@@ -13,6 +13,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
 import ml_collections
@@ -154,7 +155,11 @@ def one_line_errors(run: Callable[[], int | None], verbose: bool,
   except USER_ERRORS + more as e:
     if verbose:
       raise
-    std_logging.disable(std_logging.CRITICAL)     # nothing after the one line
+    # Nothing after the one line: no log records, and no warnings from what the libraries
+    # leave behind as the process ends (an Orbax write the error interrupted leaves a
+    # coroutine that is never awaited; Python warns about it at exit).
+    std_logging.disable(std_logging.CRITICAL)
+    warnings.simplefilter("ignore")
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 1
 

@@ -310,14 +310,7 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_logging(args.verbosity >= 1)
-  try:
-    _convert(args)
-  except (ValueError, OSError, ImportError) as e:
-    if args.verbosity >= 1:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  return cli.one_line_errors(lambda: _convert(args), args.verbosity >= 1, (ImportError,))
 
 
 if __name__ == "__main__":
