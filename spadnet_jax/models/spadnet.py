@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -83,7 +84,7 @@ class SPADNet(nn.Module):
     """Raise ValueError naming the first invalid field (run once, when the model is built)."""
     for name in ("scale", "n_feats", "number", "reduction") + ("hab_num",) * (self.hab_num is not None):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool):
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValueError(f"SPADNet.{name} must be an integer, got {value!r}")
     for name in ("use_lsac", "use_gsac", "heatmap_branch"):
       if not isinstance(getattr(self, name), bool):
