@@ -6,7 +6,8 @@ LR images of the model's input size (128/scale, e.g. 16x16 at x8) are used as th
 larger square images are first reduced to that size with Pillow's bicubic (and the output
 says so); non-square images are rejected, never distorted. Each LR image is resized to
 128x128 with the same kernel (the network input) and the SR result is written as PNG.
-Batches are padded to one fixed shape, so the model compiles once. Unreadable files are
+Batches are padded to one fixed shape, so the model compiles once, and the compiled
+program is kept for later runs (spadnet_jax/compile_cache.py). Unreadable files are
 reported by name, the rest still processed, and the exit status is then non-zero.
 
     python -m spadnet_jax.predict --checkpoint C --input PHOTOS --output DIR --faces [--upscale 4]
@@ -25,12 +26,13 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from spadnet_jax import checkpoint, visualize
+from spadnet_jax import checkpoint, compile_cache, visualize
 from spadnet_jax.data import contract, degrade
 from spadnet_jax.faces import photo_sets
 from spadnet_jax.untrusted import images
@@ -122,9 +124,25 @@ def run_padded(apply: Callable[[Any, np.ndarray], Any], variables: Any, x: np.nd
                batch_size: int) -> np.ndarray:
   """apply(variables, x) for up to batch_size inputs, padded to exactly batch_size (copies
   of the last) so that every call has the one compiled shape; the padding's outputs dropped."""
+  x = np.asarray(x, np.float32)         # the compiled program's input type
   pad = batch_size - len(x)
   padded = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
   return np.asarray(apply(variables, padded))[:len(x)]
+
+
+def compile_model(model: Any, variables: Any, batch_size: int) -> Callable[[Any, np.ndarray], Any]:
+  """The model's SR output for batches of `batch_size`, compiled now; one line says so
+  when it was compiled rather than loaded from the persistent compilation cache
+  (compile_cache), and where it was kept for the next run."""
+  start = time.perf_counter()
+  spec = jax.ShapeDtypeStruct((batch_size, contract.HR_SIZE, contract.HR_SIZE, 3), np.float32)
+  with compile_cache.watch() as seen:
+    compiled = jax.jit(lambda v, x: model.apply(v, x)[0]).lower(variables, spec).compile()
+  if not seen.hits:
+    kept = f"; kept in {compile_cache.location()} for later runs" if seen.misses else ""
+    print(f"compiled the model for batches of {batch_size} in "
+          f"{time.perf_counter() - start:.1f} s{kept}")
+  return compiled
 
 
 def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
@@ -147,7 +165,8 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
   prepare_output(output)
   model, variables, step = checkpoint.load_model(checkpoint_path)
   lr_size = contract.lr_size(model.scale)
-  apply = jax.jit(lambda v, x: model.apply(v, x)[0])
+  print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}, input {lr_size}x{lr_size}")
+  apply = compile_model(model, variables, batch_size)
   pending: list[tuple[str, np.ndarray]] = []
 
   def flush() -> None:
@@ -161,7 +180,6 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
       print(f"{path} -> {out}")
     pending.clear()
 
-  print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}, input {lr_size}x{lr_size}")
   for path in files:
     try:
       lr, note = load_lr(path, lr_size, lr_kernel, max_pixels)
@@ -214,7 +232,6 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str,
   lr_size = contract.lr_size(model.scale)
   min_face = lr_size / 2 if min_face is None else min_face
   max_face = 2 * lr_size if max_face is None else max_face
-  apply = jax.jit(lambda v, x: model.apply(v, x)[0])
 
   queue: list = []       # faces waiting for the model, across photos
   waiting: list = []     # (path, photo, faces) not yet written, in input order
@@ -241,6 +258,7 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str,
 
   print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}; photos enlarged "
         f"x{upscale:g}, faces of {min_face:g}-{max_face:g} px restored")
+  apply = compile_model(model, variables, batch_size)
   for path in files:
     try:
       width, height = images.header_size(path)     # nothing decoded yet

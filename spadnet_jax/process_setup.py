@@ -14,6 +14,8 @@ from typing import Mapping, Sequence
 
 from absl import flags
 
+from spadnet_jax import compile_cache
+
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 NO_RESTART = "SPADNET_NO_RESTART"   # set (to anything) to keep the process as started
@@ -125,10 +127,11 @@ def quiet_absent_tpu(environ: dict[str, str] | None = None) -> None:
 
 def prepare() -> None:
   """A program's process set-up before JAX starts: restart with the malloc tunables (once),
-  then the XLA:CPU flags and quiet native logs. Only from a program's own
-  `if __name__ == "__main__":` block."""
+  then the XLA:CPU flags, the persistent compilation cache and quiet native logs. Only
+  from a program's own `if __name__ == "__main__":` block."""
   restart_with_malloc_tunables()
   configure_xla_cpu()
+  compile_cache.configure()
   quiet_native_logs(sys.argv)
   quiet_absent_tpu()
 
