@@ -245,6 +245,10 @@ def main(argv: list[str]) -> int:
     raise ValueError(f"--batch_per_chip={','.join(FLAGS.batch_per_chip)}: {e}") from e
   if min(batches) < 1 or (FLAGS.fit and len(set(batches)) < 2):
     raise ValueError("--batch_per_chip: positive integers, two different ones for --fit")
+  # Executables for abstract TPU devices cannot be loaded back without a TPU client: reading
+  # one from the persistent compilation cache fails (with a warning), so it is not used here.
+  import jax  # pylint: disable=import-outside-toplevel  # after the process set-up
+  jax.config.update("jax_enable_compilation_cache", False)
   print(f"compiling for {FLAGS.topology} ahead of time: compiled figures, not measured speed",
         flush=True)
   records = []

@@ -38,6 +38,10 @@ def pytest_sessionstart(session):
   import tempfile
   cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                 os.path.join(tempfile.gettempdir(), "spadnet_test_jax_cache"))
+  # A program started without that variable uses its own cache (compile_cache): a temporary
+  # one too, never the user's ~/.cache.
+  os.environ.setdefault("SPADNET_CACHE_DIR",
+                        os.path.join(tempfile.gettempdir(), "spadnet_test_program_cache"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   import jax
