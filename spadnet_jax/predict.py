@@ -299,21 +299,21 @@ def main(argv: list[str]) -> int:
   p.add_argument("--checkpoint", required=True)
   p.add_argument("--input", required=True, help="an image file or a folder of images")
   p.add_argument("--output", required=True, help="folder for the SR PNGs")
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--lr_kernel", default="pil", choices=sorted(degrade.KERNELS),
+  p.add_argument("--batch_size", type=int, default=FaceOptions.batch_size)
+  p.add_argument("--lr_kernel", default=FaceOptions.lr_kernel, choices=sorted(degrade.KERNELS),
                  help="the LR synthesis the model was trained with (config.data.lr_kernel)")
   p.add_argument("--faces", action="store_true",
                  help="whole photos: find, align, restore and paste back every face")
   p.add_argument("--upscale", type=float, default=None,
                  help="--faces: how much the photo is enlarged (default: the model's scale)")
-  p.add_argument("--detector", default="hog", choices=("hog", "cnn"),
+  p.add_argument("--detector", default=FaceOptions.detector, choices=("hog", "cnn"),
                  help="--faces: dlib's HOG detector (fast) or its CNN one (slow, more poses)")
   p.add_argument("--min_face", type=float, default=None,
                  help="--faces: smallest face restored, in photo px (default: half the LR size)")
   p.add_argument("--max_face", type=float, default=None,
                  help="--faces: largest face restored, in photo px (default: twice the LR size; "
                       "a larger face loses more to the LR input than the model restores)")
-  p.add_argument("--max_upsample", type=int, default=3,
+  p.add_argument("--max_upsample", type=int, default=FaceOptions.max_upsample,
                  help="--faces: doublings of the photo for the small-face detector pass")
   p.add_argument("--max_pixels", type=float, default=None,
                  help="images whose header declares more pixels are refused before decoding "

@@ -223,6 +223,11 @@ def _run(todo: list[tuple[str, frame.Box | None]], workers: int, detector: str, 
 _TEMPORARY = re.compile(r"\.tmp-\d+(\.[^./]*)?$")   # files.atomic_path's, left by a killed run
 
 
+def _target(rel: str) -> str:
+  """The file a temporary of files.atomic_path stands for (other names: themselves)."""
+  return _TEMPORARY.sub(r"\1", rel)
+
+
 def owned(output: str) -> set[str]:
   """The files (relative to `output`) that prepare wrote there: its WRITTEN record, or for a
   folder prepared before that record was kept, the faces its per-photo records name, each
@@ -261,7 +266,7 @@ def foreign_files(output: str, mine: set[str]) -> list[str]:
       dirs[:] = [d for d in dirs if d != WORK]
     for name in names:
       rel = os.path.normpath(os.path.join(rel_folder, name))
-      if rel not in mine and _TEMPORARY.sub(r"\1", rel) not in mine:
+      if _target(rel) not in mine:
         found.append(rel)
   return sorted(found)
 
@@ -316,7 +321,7 @@ def assemble(output: str, records: Iterable[dict[str, Any]], splits: dict[str, s
   for folder, _, names_here in os.walk(output):      # what a killed run of ours left half-written
     for name in names_here:
       rel = os.path.relpath(os.path.join(folder, name), output)
-      if rel != _TEMPORARY.sub(r"\1", rel) and _TEMPORARY.sub(r"\1", rel) in planned | before:
+      if rel != _target(rel) and _target(rel) in planned | before:
         os.remove(os.path.join(folder, name))
   with files.atomic_path(os.path.join(output, REPORT)) as tmp, open(tmp, "w") as f:
     f.write("photo\tstatus\tsplit or reason\n" + "".join(r + "\n" for r in rows))
@@ -427,18 +432,18 @@ def main(argv: list[str]) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--input", required=True, help="folder of photos (CelebA, Helen or any)")
   p.add_argument("--output", required=True, help="the face_folder manual_dir to write")
-  p.add_argument("--split", default="train=0.9,test=0.1",
+  p.add_argument("--split", default=Options.split,
                  help="fractions for a plain folder (CelebA and Helen use the literature's)")
-  p.add_argument("--seed", type=int, default=0, help="orders a plain folder before the split")
-  p.add_argument("--detector", default="hog", choices=dlib_models.DETECTORS)
+  p.add_argument("--seed", type=int, default=Options.seed, help="orders a plain folder before the split")
+  p.add_argument("--detector", default=Options.detector, choices=dlib_models.DETECTORS)
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-  p.add_argument("--min_face", type=int, default=64,
+  p.add_argument("--min_face", type=int, default=Options.min_face,
                  help="smallest crop in photo pixels (smaller faces would be enlarged)")
-  p.add_argument("--expand", type=float, default=frame.EXPAND,
+  p.add_argument("--expand", type=float, default=Options.expand,
                  help="margin added to the face square, as a fraction of its side (DIC: 0.3)")
-  p.add_argument("--max_upsample", type=int, default=1,
+  p.add_argument("--max_upsample", type=int, default=Options.max_upsample,
                  help="doublings of the photo for the detector's small-face pass")
-  p.add_argument("--max_pixels", type=float, default=images.MAX_PIXELS,
+  p.add_argument("--max_pixels", type=float, default=Options.max_pixels,
                  help="photos whose header declares more pixels are skipped before decoding "
                       "(and listed in the report)")
   p.add_argument("--overwrite", action="store_true",

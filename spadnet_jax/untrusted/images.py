@@ -31,7 +31,7 @@ def _megapixels(pixels: float) -> str:
   return f"{pixels / 1e6:.3g} megapixels"
 
 
-def too_large(path: str, size: tuple[int, int], max_pixels: float, limit: str) -> str:
+def _too_large(path: str, size: tuple[int, int], max_pixels: float, limit: str) -> str:
   """The one-line refusal of an image of `size` (width, height) over a limit; `limit`
   names the setting."""
   width, height = size
@@ -104,7 +104,7 @@ def load_rgb(path: str, max_pixels: float, limit: str, *, min_side: int | None =
     if width * height > max_pixels:
       factor = _draft(im, max_pixels, min_side) if min_side else 1
       if factor == 1:
-        raise ValueError(too_large(path, (width, height), max_pixels, limit))
+        raise ValueError(_too_large(path, (width, height), max_pixels, limit))
       note = (f"decoded at 1/{factor} scale ({im.size[0]}x{im.size[1]}; the file is "
               f"{width}x{height}, over the {_megapixels(max_pixels)} limit ({limit}))")
     mode = im.mode
