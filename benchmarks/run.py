@@ -76,14 +76,16 @@ def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
 
 
 def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
-               remat: str) -> list[dict]:
-  """Paper-size SPADNet x8: the trainer's train step or a forward pass."""
+               remat: str, number: int = 6, hab_num: int | None = None) -> list[dict]:
+  """SPADNet x8 (paper size unless `number`/`hab_num` say fewer blocks): the trainer's
+  train step or a forward pass."""
   import jax
   import jax.numpy as jnp
 
   from benchmarks import steps
   from spadnet_jax import models, process_setup
-  model = models.SPADNet(scale=8, pac_impl=pac_impl, remat=remat, dtype=jnp.dtype(dtype))
+  size = {"scale": 8, "number": number, "hab_num": hab_num}
+  model = models.SPADNet(**size, pac_impl=pac_impl, remat=remat, dtype=jnp.dtype(dtype))
   fn = steps.step_fn(model, kind)
   args = steps.step_args(model, kind, batch)
   specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
@@ -94,7 +96,7 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
   process_setup.release_host_memory()     # as train.py does after compiling
   sec = _run_timed(compiled, args, iters, thread_state=kind == "train")
   peak_gib = _peak_device_memory_gib()
-  counted = models.SPADNet(scale=8, pac_impl="shifted", remat="none", dtype=jnp.dtype(dtype))
+  counted = models.SPADNet(**size, pac_impl="shifted", remat="none", dtype=jnp.dtype(dtype))
   flops = _flops(steps.step_fn(counted, kind), specs)
   return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl, "remat": remat,
            "s_per_step": sec, "images_per_s": batch / sec, "compile_s": compile_s,

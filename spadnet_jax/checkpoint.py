@@ -12,7 +12,6 @@ and file and never trusted. eval.py, predict and the converter read 'model' and 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -27,15 +26,12 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from spadnet_jax import files, models, train_step
 from spadnet_jax.models import SPADNet
+from spadnet_jax.storage.checksums import (CHECKSUMS, DamagedCheckpoint, is_sealed,  # noqa: F401
+                                           problems, seal, step_bytes, step_folder, verify)
 
 Report = Callable[[str], None]
 
-CHECKSUMS = "checksums.json"
 MAX_PARAMETERS = 1_000_000_000   # 4 GB of float32; the paper's model has 7.6 million
-
-
-class DamagedCheckpoint(ValueError):
-  """A checkpoint step whose files are missing, altered or unreadable."""
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -61,46 +57,7 @@ def manager(directory: str, keep: int | None = None, async_save: bool = False,
       item_handlers=_handlers())
 
 
-# --- integrity -----------------------------------------------------------------------------
-
-def _step_dir(directory: str, step: int) -> str:
-  return os.path.join(os.path.abspath(directory), str(step))
-
-
-def _file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
-  out = {}
-  for root, dirs, names in os.walk(step_dir):
-    dirs.sort()
-    for name in sorted(names):
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, step_dir)
-      if rel.startswith("checksums."):      # the manifest and its temporary while written
-        continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          digest.update(block)
-      out[rel] = {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
-  return out
-
-
-def step_bytes(directory: str, step: int) -> int:
-  """Bytes on disk of one step."""
-  return sum(os.path.getsize(os.path.join(r, f))
-             for r, _, names in os.walk(_step_dir(directory, step)) for f in names)
-
-
-def is_sealed(directory: str, step: int) -> bool:
-  return os.path.isfile(os.path.join(_step_dir(directory, step), CHECKSUMS))
-
-
-def seal(directory: str, step: int) -> None:
-  """Write the step's checksums (once Orbax has finalised it; the primary process only)."""
-  step_dir = _step_dir(directory, step)
-  digests = _file_digests(step_dir)
-  with files.atomic_path(os.path.join(step_dir, CHECKSUMS)) as tmp, open(tmp, "w") as f:
-    json.dump({"step": step, "files": digests}, f, indent=1, sort_keys=True)
-
+# --- integrity (storage/checksums.py) -----------------------------------------------------
 
 def seal_finalized(directory: str) -> list[int]:
   """Seal every finalised step that has no checksums yet (a run stopped between Orbax's
@@ -113,43 +70,6 @@ def seal_finalized(directory: str) -> list[int]:
       seal(directory, step)
       done.append(step)
   return done
-
-
-def problems(directory: str, step: int) -> list[str] | None:
-  """What is wrong with a step's files ([] when intact), or None when it has no checksums."""
-  step_dir = _step_dir(directory, step)
-  manifest = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.isdir(step_dir):
-    return [f"{step_dir} does not exist"]
-  if not os.path.isfile(manifest):
-    return None
-  try:
-    with open(manifest) as f:
-      expected = json.load(f)["files"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return [f"{manifest} is unreadable ({e})"]
-  found = _file_digests(step_dir)
-  out = []
-  for rel, want in sorted(expected.items()):
-    got = found.get(rel)
-    if got is None:
-      out.append(f"{os.path.join(step_dir, rel)} is missing")
-    elif got["size"] != want["size"]:
-      out.append(f"{os.path.join(step_dir, rel)} has {got['size']} bytes, "
-                 f"{want['size']} were written")
-    elif got["sha256"] != want["sha256"]:
-      out.append(f"{os.path.join(step_dir, rel)} does not match its checksum")
-  return out
-
-
-def verify(directory: str, step: int) -> bool:
-  """Raise DamagedCheckpoint naming the step and its first bad file; False when the step
-  has no checksums to verify against, True when it was verified."""
-  found = problems(directory, step)
-  if found:
-    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-    raise DamagedCheckpoint(f"checkpoint step {step} is damaged: {found[0]}{more}")
-  return found is not None
 
 
 def steps(directory: str) -> list[int]:
@@ -249,7 +169,7 @@ def restore_train(mngr: ocp.CheckpointManager, step: int,
   device or process count). The position is None for steps written before it was kept."""
   args = dict(params=ocp.args.StandardRestore({"params": train_step.inference_params(abstract)}),
               train=ocp.args.StandardRestore(_train_item(abstract)))
-  has_position = os.path.isdir(os.path.join(_step_dir(str(mngr.directory), step), "position"))
+  has_position = os.path.isdir(os.path.join(step_folder(str(mngr.directory), step), "position"))
   if has_position:
     args["position"] = ocp.args.JsonRestore()
   r = mngr.restore(step, args=ocp.args.Composite(**args))

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import ml_collections
 from absl import app, flags, logging as absl_logging
 
-from spadnet_jax import config_check, files, process_setup
+from spadnet_jax import files, process_setup
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, files.WorkdirInUse)
 
@@ -48,6 +48,7 @@ def _unknown_override(argv: Sequence[str], path: str | None) -> str | None:
     cfg = _load_config(path)
   except Exception:  # pylint: disable=broad-except  # the parser's own error says more
     return None
+  from spadnet_jax import config_check  # pylint: disable=import-outside-toplevel  # train/eval only
   known = set(config_check.field_names(cfg))
   for arg in argv[1:]:
     if arg.startswith("--config."):
@@ -84,6 +85,7 @@ def help_text(config_path: str | None) -> str:
     parts += ["", "multi-process flags:", flags.FLAGS.module_help(process_setup.__name__).strip()]
   parts += ["", "--verbosity=1 shows tracebacks and the libraries' logs."]
   if config_path:
+    from spadnet_jax import config_check  # pylint: disable=import-outside-toplevel  # train/eval only
     cfg = _load_config(config_path)
     default = os.path.join(os.path.dirname(os.path.abspath(config_path)), "default.py")
     meaning = field_comments([config_path, default])
@@ -119,16 +121,18 @@ def flags_parser(default_config: str | None) -> Callable[[list[str]], list[str]]
   return parse
 
 
-def quiet_logging(verbose: bool = False) -> None:
+def quiet_logging(verbose: bool = False, data_sets: bool = True) -> None:
   """Library log records (absl, Orbax, asyncio) and tfds progress bars are hidden unless
-  `verbose` (--verbosity given): a person reads the program's own lines."""
+  `verbose` (--verbosity given): a person reads the program's own lines. A program that
+  reads no data set (predict) passes data_sets=False and never imports tfds."""
   if verbose:
     return
   absl_logging.set_verbosity(absl_logging.FATAL)
   for name in ("asyncio", "jax", "orbax", "tensorflow_datasets"):
     std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  tfds.display_progress_bar(False)    # the builders print one line instead
+  if data_sets:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds.display_progress_bar(False)    # the builders print one line instead
   sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 

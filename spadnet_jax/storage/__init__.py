@@ -1,0 +1,1 @@
+"""Storage: what checkpoints and other files hold, and how they are checked."""
