@@ -6,8 +6,11 @@ LR images of the model's input size (128/scale, e.g. 16x16 at x8) are used as th
 larger square images are first reduced to that size with Pillow's bicubic (and the output
 says so); non-square images are rejected, never distorted. Each LR image is resized to
 128x128 with the same kernel (the network input) and the SR result is written as PNG.
-Batches are padded to one fixed shape, so the model compiles once, and the compiled
-program is kept for later runs (spadnet_jax/compile_cache.py). Unreadable files are
+The inputs are split into equal batches of at most --batch_size (the last padded by
+fewer images than there are batches), so the model compiles for one shape. The first run
+for a checkpoint exports its SR function and keeps it with the weights and the compiled
+program (serving/program_cache.py, compile_cache.py, under --cache_dir); later runs load
+those and start in about the time imports take. Unreadable files are
 reported by name, the rest still processed, and the exit status is then non-zero.
 
     python -m spadnet_jax.predict --checkpoint C --input PHOTOS --output DIR --faces [--upscale 4]
@@ -32,9 +35,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from spadnet_jax import checkpoint, compile_cache, visualize
+from spadnet_jax import compile_cache, visualize
 from spadnet_jax.data import contract, degrade
 from spadnet_jax.faces import photo_sets
+from spadnet_jax.serving import program_cache
 from spadnet_jax.untrusted import images
 
 MAX_OUTPUT_PIXELS = 100e6   # --faces: an enlarged photo (held as float32 while faces go in)
@@ -120,6 +124,14 @@ def load_lr(path: str, lr_size: int, lr_kernel: str = "pil",
   return arr, "; ".join(notes) or None
 
 
+def batch_plan(count: int, batch_size: int) -> int:
+  """The one batch size `count` inputs run at: as few batches as batch_size allows, all of
+  the same size, so that one compiled shape serves them and the last is padded by fewer
+  images than there are batches (10 inputs at --batch_size 8: two batches of 5)."""
+  batches = -(-count // batch_size)
+  return -(-count // batches)
+
+
 def run_padded(apply: Callable[[Any, np.ndarray], Any], variables: Any, x: np.ndarray,
                batch_size: int) -> np.ndarray:
   """apply(variables, x) for up to batch_size inputs, padded to exactly batch_size (copies
@@ -130,16 +142,16 @@ def run_padded(apply: Callable[[Any, np.ndarray], Any], variables: Any, x: np.nd
   return np.asarray(apply(variables, padded))[:len(x)]
 
 
-def compile_model(model: Any, variables: Any, batch_size: int) -> Callable[[Any, np.ndarray], Any]:
-  """The model's SR output for batches of `batch_size`, compiled now; one line says so
-  when it was compiled rather than loaded from the persistent compilation cache
-  (compile_cache), and where it was kept for the next run."""
+def compile_program(program: program_cache.Program, batch_size: int) -> Callable[[Any, np.ndarray], Any]:
+  """The program for batches of `batch_size`, compiled now; one line says so when it was
+  compiled rather than loaded from the persistent compilation cache (compile_cache), and
+  where it was kept for the next run."""
   start = time.perf_counter()
   spec = jax.ShapeDtypeStruct((batch_size, contract.HR_SIZE, contract.HR_SIZE, 3), np.float32)
   with compile_cache.watch() as seen:
-    compiled = jax.jit(lambda v, x: model.apply(v, x)[0]).lower(variables, spec).compile()
+    compiled = jax.jit(program.call).lower(program.variables, spec).compile()
   if not seen.hits:
-    kept = f"; kept in {compile_cache.location()} for later runs" if seen.misses else ""
+    kept = f"; kept in {compile_cache.cache_root(os.environ)} for later runs" if seen.misses else ""
     print(f"compiled the model for batches of {batch_size} in "
           f"{time.perf_counter() - start:.1f} s{kept}")
   return compiled
@@ -163,10 +175,12 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
   names = output_names(files)
   check_output(inputs, files, output, list(names.values()))
   prepare_output(output)
-  model, variables, step = checkpoint.load_model(checkpoint_path)
-  lr_size = contract.lr_size(model.scale)
-  print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}, input {lr_size}x{lr_size}")
-  apply = compile_model(model, variables, batch_size)
+  program = program_cache.load(checkpoint_path)
+  scale = program.model_config["scale"]
+  lr_size = contract.lr_size(scale)
+  print(f"checkpoint {checkpoint_path} (step {program.step}): x{scale}, input {lr_size}x{lr_size}")
+  batch_size = batch_plan(len(files), batch_size)
+  apply, variables = compile_program(program, batch_size), jax.device_put(program.variables)
   pending: list[tuple[str, np.ndarray]] = []
 
   def flush() -> None:
@@ -227,9 +241,10 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str,
   check_output(inputs, files, output, [f"{s}{end}" for s in stems for end in (".png", "_compare.png")])
   models = dlib_models.load(options.detector)  # a missing extra is said before anything is made
   prepare_output(output)
-  model, variables, step = checkpoint.load_model(checkpoint_path)
-  upscale = float(model.scale if upscale is None else upscale)
-  lr_size = contract.lr_size(model.scale)
+  program = program_cache.load(checkpoint_path)
+  scale = program.model_config["scale"]
+  upscale = float(scale if upscale is None else upscale)
+  lr_size = contract.lr_size(scale)
   min_face = lr_size / 2 if min_face is None else min_face
   max_face = 2 * lr_size if max_face is None else max_face
 
@@ -256,9 +271,9 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str,
       visualize.save_png(f"{base}.png", restored)
       print(f"{path}: {_faces_line(faces)} -> {base}.png ({restored.shape[1]}x{restored.shape[0]})")
 
-  print(f"checkpoint {checkpoint_path} (step {step}): x{model.scale}; photos enlarged "
+  print(f"checkpoint {checkpoint_path} (step {program.step}): x{scale}; photos enlarged "
         f"x{upscale:g}, faces of {min_face:g}-{max_face:g} px restored")
-  apply = compile_model(model, variables, batch_size)
+  apply, variables = compile_program(program, batch_size), jax.device_put(program.variables)
   for path in files:
     try:
       width, height = images.header_size(path)     # nothing decoded yet
@@ -270,7 +285,7 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str,
       print(f"error: {e}", file=sys.stderr)
       failures += 1
       continue
-    faces = restore.plan(models, photo, scale=model.scale, lr_kernel=lr_kernel,
+    faces = restore.plan(models, photo, scale=scale, lr_kernel=lr_kernel,
                          min_face=min_face, max_face=max_face, max_upsample=options.max_upsample)
     waiting.append((path, photo, faces))
     queue.extend(f for f in faces if f.lr_up is not None)
@@ -320,11 +335,16 @@ def main(argv: list[str]) -> int:
                       f"(default: {MAX_FACE_PIXELS / 1e6:.0f} million for face images, a larger "
                       f"JPEG decoded reduced instead; {MAX_PHOTO_PIXELS / 1e6:.0f} million "
                       "with --faces)")
+  p.add_argument("--cache_dir", default=None,
+                 help="where compiled programs are kept between runs (default: $SPADNET_CACHE_DIR, "
+                      "else ~/.cache/spadnet_jax)")
   p.add_argument("--verbosity", type=int, default=0, help="1: tracebacks and library logs")
   a = p.parse_args(argv)
+  if a.cache_dir is not None:
+    compile_cache.configure(root=os.path.abspath(a.cache_dir))
   from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
   from spadnet_jax.faces import dlib_models  # pylint: disable=import-outside-toplevel
-  cli.quiet_logging(a.verbosity >= 1)
+  cli.quiet_logging(a.verbosity >= 1, data_sets=False)
 
   def run() -> int:
     if a.max_pixels is not None and a.max_pixels < 1:

@@ -1,5 +1,6 @@
 """The persistent compilation cache: where it lives, and predict compiling once across
-processes (two at once sharing an empty cache included)."""
+processes (two at once sharing an empty cache included), a repeated call importing neither
+Flax, Orbax nor TensorFlow."""
 import os
 import subprocess
 import sys
@@ -24,10 +25,13 @@ def test_the_cache_folder_is_per_user_movable_and_the_users_own_setting_wins():
   assert env["JAX_COMPILATION_CACHE_DIR"] == "/xdg/spadnet_jax/xla"
   env = {"HOME": "/home/u", compile_cache.ENV: "/shared/cache"}
   compile_cache.configure(env)
-  assert env["JAX_COMPILATION_CACHE_DIR"] == "/shared/cache"
+  assert env["JAX_COMPILATION_CACHE_DIR"] == "/shared/cache/xla"
+  assert compile_cache.cache_root(env) == "/shared/cache"
   env = {compile_cache.ENV: "/a", "JAX_COMPILATION_CACHE_DIR": "/mine"}
   compile_cache.configure(env)      # the user's own cache as they set it (no size cap added)
   assert env == {compile_cache.ENV: "/a", "JAX_COMPILATION_CACHE_DIR": "/mine"}
+  compile_cache.configure(env, root="/flag")    # but a --cache_dir on the command line moves it
+  assert env[compile_cache.ENV] == "/flag" and env["JAX_COMPILATION_CACHE_DIR"] == "/flag/xla"
 
 
 @pytest.mark.slow
@@ -45,8 +49,8 @@ def test_predict_compiles_once_says_so_and_two_processes_share_the_cache(tmp_pat
   env.update(JAX_PLATFORMS="cpu", SPADNET_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")   # the tiny model compiles fast
 
-  def start(out):
-    return subprocess.Popen([sys.executable, "-m", "spadnet_jax.predict", f"--checkpoint={ckpt}",
+  def start(out, *python_options):
+    return subprocess.Popen([sys.executable, *python_options, "-m", "spadnet_jax.predict", f"--checkpoint={ckpt}",
                              f"--input={src}", f"--output={out}", "--batch_size=4"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -54,12 +58,17 @@ def test_predict_compiles_once_says_so_and_two_processes_share_the_cache(tmp_pat
   results = [p.communicate(timeout=300) for p in first]
   for p, (out, err) in zip(first, results):
     assert p.returncode == 0 and err == "", err
-    assert f"compiled the model for batches of 4 in " in out, out
-  assert any(n.endswith("-cache") for n in os.listdir(cache))
-  again = start(tmp_path / "out_c")
+    assert f"compiled the model for batches of 3 in " in out, out      # 3 inputs: one batch of 3
+  assert any(n.endswith("-cache") for n in os.listdir(cache / "xla"))
+  assert len(os.listdir(cache / "programs")) == 1                        # one entry, whoever won
+  again = start(tmp_path / "out_c", "-X", "importtime")
   out, err = again.communicate(timeout=300)
-  assert again.returncode == 0 and err == "", err
+  assert again.returncode == 0, err
   assert "compiled the model" not in out, out                            # loaded, not compiled
+  imported = {line.split("|")[-1].strip().split(".")[0] for line in err.splitlines()
+              if line.startswith("import time:")}
+  assert "jax" in imported
+  assert not imported & {"flax", "orbax", "tensorflow", "tensorflow_datasets", "optax", "grain"}
   for name in os.listdir(tmp_path / "out_a"):
     a, b, c = (np.asarray(Image.open(tmp_path / d / name)) for d in ("out_a", "out_b", "out_c"))
     np.testing.assert_array_equal(a, b)
