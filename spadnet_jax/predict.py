@@ -124,6 +124,13 @@ def load_lr(path: str, lr_size: int, lr_kernel: str = "pil",
   return arr, "; ".join(notes) or None
 
 
+def default_batch_size() -> int:
+  """Images per model call when --batch_size is not given: 1 on a CPU, where larger batches
+  ran no faster per image but raised the peak memory (docs/performance.md), 8 on an
+  accelerator."""
+  return 1 if jax.default_backend() == "cpu" else 8
+
+
 def batch_plan(count: int, batch_size: int) -> int:
   """The one batch size `count` inputs run at: as few batches as batch_size allows, all of
   the same size, so that one compiled shape serves them and the last is padded by fewer
@@ -157,7 +164,7 @@ def compile_program(program: program_cache.Program, batch_size: int) -> Callable
   return compiled
 
 
-def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
+def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int | None = None,
             lr_kernel: str = "pil", max_pixels: float = MAX_FACE_PIXELS) -> int:
   """Super-resolve every image under `inputs`; returns the number of failed files
   (unreadable, not square, or declaring more than `max_pixels`).
@@ -166,7 +173,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
     checkpoint_path: a checkpoint folder (the newest intact step) or one step.
     inputs: an LR face image or a folder of them.
     output: the folder for the SR PNGs (neither the input folder nor inside it).
-    batch_size: images per model call (the last call padded to it).
+    batch_size: images per model call at most (None: default_batch_size()).
     lr_kernel: the LR synthesis the model was trained with (config.data.lr_kernel).
     max_pixels: images whose header declares more are refused before decoding (a larger
       JPEG is decoded reduced instead).
@@ -179,7 +186,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
   scale = program.model_config["scale"]
   lr_size = contract.lr_size(scale)
   print(f"checkpoint {checkpoint_path} (step {program.step}): x{scale}, input {lr_size}x{lr_size}")
-  batch_size = batch_plan(len(files), batch_size)
+  batch_size = batch_plan(len(files), batch_size or default_batch_size())
   apply, variables = compile_program(program, batch_size), jax.device_put(program.variables)
   pending: list[tuple[str, np.ndarray]] = []
 
@@ -215,7 +222,7 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int = 8,
 @dataclasses.dataclass(frozen=True)
 class FaceOptions:
   """predict --faces: the command line's flags of the same names."""
-  batch_size: int = 8              # faces per model call, across photos
+  batch_size: int | None = None    # faces per model call, across photos (None: default_batch_size())
   lr_kernel: str = "pil"           # the LR synthesis the model was trained with
   upscale: float | None = None     # how much each photo is enlarged (None: the model's scale)
   detector: str = "hog"            # dlib's HOG or CNN face detector
@@ -232,6 +239,7 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str,
   failed (unreadable, over max_pixels, or too large to enlarge)."""
   from spadnet_jax.faces import dlib_models, restore  # pylint: disable=import-outside-toplevel
   batch_size, lr_kernel, upscale = options.batch_size, options.lr_kernel, options.upscale
+  batch_size = batch_size or default_batch_size()
   min_face, max_face, max_pixels = options.min_face, options.max_face, options.max_pixels
   if upscale is not None and not 1 <= upscale <= 16:
     raise ValueError(f"--upscale {upscale:g}: must be between 1 and 16")
@@ -314,7 +322,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--checkpoint", required=True)
   p.add_argument("--input", required=True, help="an image file or a folder of images")
   p.add_argument("--output", required=True, help="folder for the SR PNGs")
-  p.add_argument("--batch_size", type=int, default=FaceOptions.batch_size)
+  p.add_argument("--batch_size", type=int, default=FaceOptions.batch_size,
+                 help="images per model call at most (default: 1 on a CPU, 8 on an accelerator)")
   p.add_argument("--lr_kernel", default=FaceOptions.lr_kernel, choices=sorted(degrade.KERNELS),
                  help="the LR synthesis the model was trained with (config.data.lr_kernel)")
   p.add_argument("--faces", action="store_true",
@@ -349,6 +358,8 @@ def main(argv: list[str]) -> int:
   def run() -> int:
     if a.max_pixels is not None and a.max_pixels < 1:
       raise ValueError(f"--max_pixels {a.max_pixels:g}: must be at least 1")
+    if a.batch_size is not None and a.batch_size < 1:
+      raise ValueError(f"--batch_size {a.batch_size}: must be at least 1")
     if a.faces:
       options = FaceOptions(a.batch_size, a.lr_kernel, a.upscale, a.detector, a.min_face,
                             a.max_face, a.max_upsample, a.max_pixels or MAX_PHOTO_PIXELS)

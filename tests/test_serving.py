@@ -37,6 +37,12 @@ def test_batch_plan_uses_one_shape_and_pads_less_than_one_image_per_batch():
       assert b <= size and batches == -(-count // size) and batches * b - count < batches
 
 
+def test_a_batch_size_below_one_is_refused_in_one_line(tmp_path, capsys):
+  assert predict.main(["--checkpoint", str(tmp_path), "--input", str(tmp_path), "--output",
+                       str(tmp_path / "out"), "--batch_size", "0"]) != 0
+  assert capsys.readouterr().err.strip() == "error: --batch_size 0: must be at least 1"
+
+
 def test_exported_program_matches_the_model_at_any_batch_size(tiny):
   model, variables, _ = tiny
   program = jax.export.deserialize(exported.export_sr(model, variables).serialize())
