@@ -372,5 +372,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
   from spadnet_jax import process_setup
-  process_setup.prepare()   # the program itself only, never a caller of main
+  process_setup.prepare(long_running=False)   # the program itself only, never a caller of main
   sys.exit(main(sys.argv[1:]))

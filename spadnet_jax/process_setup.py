@@ -125,11 +125,18 @@ def quiet_absent_tpu(environ: dict[str, str] | None = None) -> None:
     environ.setdefault(key, value)
 
 
-def prepare() -> None:
-  """A program's process set-up before JAX starts: restart with the malloc tunables (once),
-  then the XLA:CPU flags, the persistent compilation cache and quiet native logs. Only
-  from a program's own `if __name__ == "__main__":` block."""
-  restart_with_malloc_tunables()
+def prepare(long_running: bool = True) -> None:
+  """A program's process set-up before JAX starts: restart with the malloc tunables (once,
+  for `long_running` programs: training and evaluation), then the XLA:CPU flags, the
+  persistent compilation cache and quiet native logs. Only from a program's own
+  `if __name__ == "__main__":` block.
+
+  A short call (predict over a folder) skips the restart: huge pages pay back their
+  zeroing over many steps, and a 10-face predict call took about 0.8 s longer with them
+  (docs/performance.md).
+  """
+  if long_running:
+    restart_with_malloc_tunables()
   configure_xla_cpu()
   compile_cache.configure()
   quiet_native_logs(sys.argv)
