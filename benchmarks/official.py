@@ -20,7 +20,10 @@ fresh process of its own, the official and our cases alternating, round after ro
   call: wall time, peak memory (max RSS) and lines written to stderr.
 
 Images/s are medians over the rounds; peak memory is max RSS on CPU and the allocator's
-peak on a GPU. Prints the tables; --json writes every measurement.
+peak on a GPU. Every throughput process starts with empty compilation caches (JAX's,
+TorchInductor's, Triton's), so each side's peak includes its compiler; our parameters are
+drawn on the host, as a checkpoint would give them, and XLA's FLOP count runs in a process
+of its own. Prints the tables; --json writes every measurement.
 """
 from __future__ import annotations
 
@@ -81,7 +84,10 @@ def measure(side: str, setting: str, kind: str, batch: int, a: argparse.Namespac
             size: dict[str, int], env: dict[str, str]) -> dict[str, Any]:
   """One throughput measurement in its own process; a failure is recorded, not raised."""
   args = (side, setting, kind, batch, a.iters, a.device, a.official, size["number"], size["hab_num"])
-  done = run_process(_child_cmd(*args), env, a.timeout)
+  with tempfile.TemporaryDirectory() as cache:     # both sides compile from scratch every time
+    env = {**env, "SPADNET_CACHE_DIR": cache, "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"),
+           "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    done = run_process(_child_cmd(*args), env, a.timeout)
   record = {"side": side, "setting": setting, "case": kind, "batch": batch}
   if done.rc != 0:
     why = "timed out" if done.wall_s > a.timeout else (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -144,6 +150,8 @@ def run_all(a: argparse.Namespace) -> list[dict[str, Any]]:
     files = prepare_inputs(root, a, size, env) if "cold_start" in a.cases else None
     for r in range(a.rounds):
       jobs = [("spadnet-jax", "xla", "matmul", 0)]
+      if r == 0:      # XLA's FLOP count, apart: its lowering would count in a timed case's memory
+        jobs += [("spadnet-jax", "flops", kind, batch) for kind, batch in cases(a.device) if kind in a.cases]
       for kind, batch in cases(a.device):
         if kind in a.cases:
           ours = [("spadnet-jax", "xla", kind, batch)]
@@ -177,9 +185,11 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
   out = {}
   for key, recs in groups.items():
     ok = [r for r in recs if "failed" not in r]
+    if key[1] == "flops":
+      out[key] = {"gflop_per_image": ok[0]["gflop_per_image"]} if ok else {"failed": recs[-1]["failed"]}
+      continue
     out[key] = ({"images_per_s": _median([r["images_per_s"] for r in ok]),
                  "peak_memory_gib": max(r["peak_memory_gib"] for r in ok),
-                 "gflop_per_image": ok[0].get("gflop_per_image"),
                  "first_call_s": _median([r.get("first_call_s", r.get("compile_s", 0.0)) for r in ok])}
                 if ok else {"failed": recs[-1]["failed"]})
   return out
@@ -192,13 +202,14 @@ def format_tables(records: list[dict[str, Any]], device: str) -> str:
   lines = [f"device: {device}; float32; images/s are medians over rounds", "",
            "| case | batch | official, best setting | img/s | peak GiB | spadnet-jax img/s | "
            "peak GiB | speed-up | of matmul rate |", "|---|---|---|---|---|---|---|---|---|"]
-  for (side, _, kind, batch), ours in sorted(s.items()):
-    if side != "spadnet-jax" or kind == "matmul" or "failed" in ours:
+  for (side, setting, kind, batch), ours in sorted(s.items()):
+    if side != "spadnet-jax" or setting != "xla" or kind == "matmul" or "failed" in ours:
       continue
     theirs = {k[1]: v for k, v in s.items() if k[0] == "official" and k[2:] == (kind, batch) and "failed" not in v}
     best = max(theirs, key=lambda k: theirs[k]["images_per_s"]) if theirs else None
     t = theirs.get(best, {})
-    rate = ours["images_per_s"] * (ours.get("gflop_per_image") or float("nan"))
+    gflop = s.get(("spadnet-jax", "flops", kind, batch), {}).get("gflop_per_image") or float("nan")
+    rate = ours["images_per_s"] * gflop
     fraction = f"{rate / matmul:.0%}" if matmul else "-"
     ratio = f"{ours['images_per_s'] / t['images_per_s']:.2f}x" if t else "-"
     lines.append(f"| {kind} | {batch} | {best or 'none finished'} | {t.get('images_per_s', float('nan')):.2f} | "
@@ -253,10 +264,25 @@ def child(argv: list[str]) -> None:
                                           {"scale": 8, **size})
     elif kind == "matmul":
       record = matmul_rate(int(iters))
+    elif setting == "flops":
+      record = model_flops(kind, int(batch), size)
     else:
       from benchmarks import run  # pylint: disable=import-outside-toplevel
-      record = run.case_model(kind, int(batch), int(iters), "float32", "auto", "none", **size)[0]
+      record = run.case_model(kind, int(batch), int(iters), "float32", "auto", "none", **size,
+                              count_flops=False)[0]
     print(json.dumps(record))
+
+
+def model_flops(kind: str, batch: int, size: dict[str, int]) -> dict[str, Any]:
+  """XLA's FLOP count per image of our step (the unrolled 'shifted' PAC: its loops hide none)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from benchmarks import run, steps  # pylint: disable=import-outside-toplevel
+  from spadnet_jax import models  # pylint: disable=import-outside-toplevel
+  model = models.SPADNet(scale=8, **size, pac_impl="shifted")
+  specs = [jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arg)
+           for arg in steps.step_args(model, kind, batch)]
+  return {"gflop_per_image": run._flops(steps.step_fn(model, kind), specs) / batch / 1e9}  # pylint: disable=protected-access
 
 
 def matmul_rate(iters: int, n: int = 4096) -> dict[str, Any]:

@@ -76,9 +76,11 @@ def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
 
 
 def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
-               remat: str, number: int = 6, hab_num: int | None = None) -> list[dict]:
+               remat: str, number: int = 6, hab_num: int | None = None,
+               count_flops: bool = True) -> list[dict]:
   """SPADNet x8 (paper size unless `number`/`hab_num` say fewer blocks): the trainer's
-  train step or a forward pass."""
+  train step or a forward pass. count_flops=False leaves out XLA's FLOP count, whose
+  lowering of a second (unrolled) model would count in this process's peak memory."""
   import jax
   import jax.numpy as jnp
 
@@ -97,7 +99,7 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
   sec = _run_timed(compiled, args, iters, thread_state=kind == "train")
   peak_gib = _peak_device_memory_gib()
   counted = models.SPADNet(**size, pac_impl="shifted", remat="none", dtype=jnp.dtype(dtype))
-  flops = _flops(steps.step_fn(counted, kind), specs)
+  flops = _flops(steps.step_fn(counted, kind), specs) if count_flops else float("nan")
   return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl, "remat": remat,
            "s_per_step": sec, "images_per_s": batch / sec, "compile_s": compile_s,
            "gflop_per_image": flops / batch / 1e9, "achieved_tflop_s": flops / sec / 1e12,

@@ -30,8 +30,23 @@ def step_args(model, kind: str, batch: int) -> list[Any]:
   from spadnet_jax.data import contract  # pylint: disable=import-outside-toplevel
   data = jax.device_put(contract.random_batch(batch, model.scale))
   if kind == "inference":
-    return [jax.jit(model.init)(jax.random.key(2), model.example_input())["params"], data]
+    return [jax.device_put(host_params(model)), data]
   cfg = paper_config()
   tx, _ = train_step.make_optimizer(cfg, steps_per_epoch=10_000)
   state = jax.jit(lambda rng: train_step.init_state(model, tx, rng, ema=False))(jax.random.key(2))
   return [state, data]
+
+
+def host_params(model) -> Any:
+  """Parameters of the model's shapes drawn on the host (normal, scaled by 1/sqrt(fan-in)),
+  as an inference process gets them from a checkpoint: without compiling model.init, whose
+  compilation would otherwise count in the process's peak memory."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(2)
+  shapes = jax.eval_shape(model.init, jax.random.key(2), model.example_input())["params"]
+
+  def draw(spec: Any) -> np.ndarray:
+    fan_in = int(np.prod(spec.shape[:-1])) or 1
+    return (rng.standard_normal(spec.shape) / np.sqrt(fan_in)).astype(spec.dtype)
+  return jax.tree_util.tree_map(draw, shapes)

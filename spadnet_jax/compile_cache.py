@@ -57,12 +57,6 @@ def configure(environ: MutableMapping[str, str] | None = None, root: str | None 
     jax.config.update("jax_compilation_cache_max_size", int(environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 
-def location() -> str | None:
-  """The cache folder in use, or None when the cache is off."""
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.config.jax_compilation_cache_dir or None
-
-
 @dataclasses.dataclass
 class Lookups:
   """Persistent-cache lookups seen while watching: executables loaded and ones compiled
