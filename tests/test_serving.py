@@ -111,13 +111,16 @@ def test_a_damaged_cache_entry_is_deleted_and_rebuilt(tiny):
                                 np.asarray(variables["params"]["head"]["kernel"]))
 
 
-def test_old_entries_beyond_the_limit_are_removed_least_recently_used_first(tmp_path):
+def test_old_entries_and_dead_temporaries_are_removed_least_recently_used_first(tmp_path):
   for i in range(5):
     (tmp_path / f"e{i}").mkdir()
     os.utime(tmp_path / f"e{i}", (1000 + i, 1000 + i))
   os.utime(tmp_path / "e0", (5000, 5000))                   # used most recently
+  (tmp_path / ".writing-dead").mkdir()                        # left by a process that died
+  os.utime(tmp_path / ".writing-dead", (1000, 1000))
+  (tmp_path / ".writing-busy").mkdir()                        # being written now
   program_cache.prune(str(tmp_path), keep=2)
-  assert sorted(os.listdir(tmp_path)) == ["e0", "e4"]
+  assert sorted(os.listdir(tmp_path)) == [".writing-busy", "e0", "e4"]
 
 
 def test_a_source_change_changes_the_key(tiny, monkeypatch):

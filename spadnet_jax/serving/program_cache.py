@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -41,6 +42,7 @@ from spadnet_jax.untrusted import arrays
 
 FORMAT = 1
 MAX_ENTRIES = 8
+STALE_TEMPORARY_S = 3600.0    # a temporary entry folder this old was left by a dead process
 FILES = ("program.jaxexport", "weights.npz", "model.json")
 _SOURCES = ("models", "ops")     # the packages whose code the exported program is made from
 Report = Callable[[str], None]
@@ -158,9 +160,16 @@ def store_entry(folder: str, program: jax.export.Exported, variables: Any,
   prune(parent, MAX_ENTRIES)
 
 
-def prune(parent: str, keep: int) -> None:
-  """Remove all but the `keep` most recently used entries (and stale temporaries)."""
-  entries = [os.path.join(parent, n) for n in os.listdir(parent) if not n.startswith(".")]
+def prune(parent: str, keep: int, stale_s: float = STALE_TEMPORARY_S) -> None:
+  """Remove all but the `keep` most recently used entries, and temporaries older than
+  `stale_s` (left by a process that died while writing; a younger one may still be written)."""
+  now = time.time()
+  names = os.listdir(parent)
+  for name in names:
+    path = os.path.join(parent, name)
+    if name.startswith(".writing-") and now - os.path.getmtime(path) > stale_s:
+      shutil.rmtree(path, ignore_errors=True)
+  entries = [os.path.join(parent, n) for n in names if not n.startswith(".")]
   entries.sort(key=os.path.getmtime, reverse=True)
   for old in entries[keep:]:
     shutil.rmtree(old, ignore_errors=True)
