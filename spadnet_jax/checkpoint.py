@@ -27,7 +27,8 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from spadnet_jax import files, models, train_step
 from spadnet_jax.models import SPADNet
 from spadnet_jax.storage.checksums import (CHECKSUMS, DamagedCheckpoint, is_sealed,  # noqa: F401
-                                           problems, seal, step_bytes, step_folder, verify)
+                                           problems, seal, step_bytes, step_folder,
+                                           step_of_folder, verify)
 
 Report = Callable[[str], None]
 
@@ -364,9 +365,9 @@ def _manager_dir_and_step(path: str, step: int | None) -> tuple[str, int | None]
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
-  base = os.path.basename(path.rstrip("/"))
-  if step is None and base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-    return os.path.dirname(path), int(base)
+  one_step = step_of_folder(path)
+  if step is None and one_step:
+    return one_step
   if not steps(path):
     raise FileNotFoundError(f"{path} holds no checkpoint steps (expected folders named by step "
                             "with 'model' and 'params' inside)")

@@ -82,9 +82,9 @@ def step_of(path: str) -> tuple[str, int] | None:
   checksums and they verify; None otherwise (no checksums, damaged, or not a checkpoint:
   load_model then reports or refuses it as it always does)."""
   path = os.path.abspath(path)
-  base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-    directory, step = os.path.dirname(path), int(base)
+  one_step = checksums.step_of_folder(path)
+  if one_step:
+    directory, step = one_step
   elif os.path.isdir(path):
     numbered = sorted((int(n) for n in os.listdir(path) if n.isdigit()), reverse=True)
     if not numbered:
@@ -105,18 +105,13 @@ def entry_key(directory: str, step: int) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _file_digest(path: str) -> dict[str, Any]:
-  with open(path, "rb") as f:
-    return {"size": os.path.getsize(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
-
-
 def load_entry(folder: str) -> Program | None:
   """The program stored in `folder`, or None (the folder deleted) when any file is
   missing or differs from its manifest."""
   try:
     with open(os.path.join(folder, "manifest.json")) as f:
       manifest = json.load(f)
-    if any(_file_digest(os.path.join(folder, n)) != manifest["files"][n] for n in FILES):
+    if any(checksums.file_digest(os.path.join(folder, n)) != manifest["files"][n] for n in FILES):
       raise ValueError("a file differs from the manifest")
     with open(os.path.join(folder, "model.json")) as f:
       meta = json.load(f)
@@ -152,7 +147,7 @@ def store_entry(folder: str, program: jax.export.Exported, variables: Any,
     with open(os.path.join(tmp, "model.json"), "w") as f:
       json.dump({"model": model_config, "step": step}, f)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
-      json.dump({"files": {n: _file_digest(os.path.join(tmp, n)) for n in FILES}}, f)
+      json.dump({"files": {n: checksums.file_digest(os.path.join(tmp, n)) for n in FILES}}, f)
     os.rename(tmp, folder)
   except OSError:
     shutil.rmtree(tmp, ignore_errors=True)   # another process's entry won, or no room: no cache

@@ -26,6 +26,25 @@ def step_folder(directory: str, step: int) -> str:
   return os.path.join(os.path.abspath(directory), str(step))
 
 
+def step_of_folder(path: str) -> tuple[str, int] | None:
+  """(manager directory, step) when `path` is one step folder (named by its step, with
+  'params' inside), else None."""
+  path = os.path.abspath(path)
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
+    return os.path.dirname(path), int(base)
+  return None
+
+
+def file_digest(path: str) -> dict[str, Any]:
+  """{'size', 'sha256'} of one file, read in blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
 def _file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
   out = {}
   for root, dirs, names in os.walk(step_dir):
@@ -33,13 +52,8 @@ def _file_digests(step_dir: str) -> dict[str, dict[str, Any]]:
     for name in sorted(names):
       path = os.path.join(root, name)
       rel = os.path.relpath(path, step_dir)
-      if rel.startswith("checksums."):      # the manifest and its temporary while written
-        continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          digest.update(block)
-      out[rel] = {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+      if not rel.startswith("checksums."):      # the manifest and its temporary while written
+        out[rel] = file_digest(path)
   return out
 
 
