@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,6 @@ from benchmarks import official_torch
 
 PAPER = {"number": 6, "hab_num": 5}
 TINY = {"number": 2, "hab_num": 1}    # the fixtures' small size: the harness end to end, fast
-SIDES = ("official", "spadnet-jax")
 
 
 @dataclasses.dataclass
@@ -170,11 +170,6 @@ def run_all(a: argparse.Namespace) -> list[dict[str, Any]]:
   return records
 
 
-def _median(values: list[float]) -> float:
-  values = sorted(values)
-  return values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
-
-
 def summarize(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
   """Per (side, setting, case, batch): median images/s over rounds, the largest peak memory,
   and failures."""
@@ -188,9 +183,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     if key[1] == "flops":
       out[key] = {"gflop_per_image": ok[0]["gflop_per_image"]} if ok else {"failed": recs[-1]["failed"]}
       continue
-    out[key] = ({"images_per_s": _median([r["images_per_s"] for r in ok]),
+    out[key] = ({"images_per_s": statistics.median([r["images_per_s"] for r in ok]),
                  "peak_memory_gib": max(r["peak_memory_gib"] for r in ok),
-                 "first_call_s": _median([r.get("first_call_s", r.get("compile_s", 0.0)) for r in ok])}
+                 "first_call_s": statistics.median([r.get("first_call_s", r.get("compile_s", 0.0)) for r in ok])}
                 if ok else {"failed": recs[-1]["failed"]})
   return out
 
@@ -234,7 +229,7 @@ def format_tables(records: list[dict[str, Any]], device: str) -> str:
     for case, name in names.items():
       rs = [r for r in cold if r["case"] == case]
       if rs:
-        lines.append(f"| {name} | {_median([r['wall_s'] for r in rs]):.2f} | "
+        lines.append(f"| {name} | {statistics.median([r['wall_s'] for r in rs]):.2f} | "
                      f"{max(r['peak_memory_gib'] for r in rs):.2f} | "
                      f"{max(r['stderr_lines'] for r in rs)} | {rs[0]['images']} |")
   return "\n".join(lines)
@@ -282,22 +277,19 @@ def model_flops(kind: str, batch: int, size: dict[str, int]) -> dict[str, Any]:
   model = models.SPADNet(scale=8, **size, pac_impl="shifted")
   specs = [jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arg)
            for arg in steps.step_args(model, kind, batch)]
-  return {"gflop_per_image": run._flops(steps.step_fn(model, kind), specs) / batch / 1e9}  # pylint: disable=protected-access
+  return {"gflop_per_image": run.xla_flops(steps.step_fn(model, kind), specs) / batch / 1e9}
 
 
 def matmul_rate(iters: int, n: int = 4096) -> dict[str, Any]:
   """XLA's float32 rate on an n x n matmul, GFLOP/s (reported in 'images_per_s')."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from benchmarks import run  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a).lower(x).compile()
-  jax.block_until_ready(f(x))
-  times = []
-  for _ in range(max(iters, 3)):
-    t = time.perf_counter()
-    jax.block_until_ready(f(x))
-    times.append(time.perf_counter() - t)
-  return {"images_per_s": 2 * n**3 / sorted(times)[len(times) // 2] / 1e9, "peak_memory_gib": None}
+  return {"images_per_s": 2 * n**3 / run.median_seconds(f, [x], max(iters, 3)) / 1e9,
+          "peak_memory_gib": None}
 
 
 def make_faces(folder: str, count: int) -> None:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 # Official PyTorch code on the 2-core CI machine kind (SPEC.md).
 REFERENCE = {("train", 8): 1.05, ("inference", 1): 3.85, ("inference", 8): 3.36}
@@ -28,7 +29,7 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0},
                "A100": {"bfloat16": 312.0, "float32": 156.0}}
 
 
-def _flops(fn, specs) -> float:
+def xla_flops(fn: Callable[..., Any], specs: Any) -> float:
   """XLA's FLOP count of fn, lowered for the CPU: the same model FLOPs on every device.
 
   The specs are placed on the CPU device: a CPU lowering made for a GPU backend got no
@@ -53,7 +54,8 @@ def _peak_device_memory_gib() -> float | None:
   return stats.get("peak_bytes_in_use", float("nan")) / 2**30
 
 
-def _run_timed(fn, args, iters: int, thread_state: bool) -> float:
+def median_seconds(fn: Callable[..., Any], args: list[Any], iters: int,
+                   thread_state: bool = False) -> float:
   """Median seconds per call over `iters` calls (each waited for) after two warm-up calls;
   a train step's new state is fed to the next call.
 
@@ -96,10 +98,10 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
   compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
   compile_s = time.perf_counter() - t
   process_setup.release_host_memory()     # as train.py does after compiling
-  sec = _run_timed(compiled, args, iters, thread_state=kind == "train")
+  sec = median_seconds(compiled, args, iters, thread_state=kind == "train")
   peak_gib = _peak_device_memory_gib()
   counted = models.SPADNet(**size, pac_impl="shifted", remat="none", dtype=jnp.dtype(dtype))
-  flops = _flops(steps.step_fn(counted, kind), specs) if count_flops else float("nan")
+  flops = xla_flops(steps.step_fn(counted, kind), specs) if count_flops else float("nan")
   return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl, "remat": remat,
            "s_per_step": sec, "images_per_s": batch / sec, "compile_s": compile_s,
            "gflop_per_image": flops / batch / 1e9, "achieved_tflop_s": flops / sec / 1e12,
@@ -133,7 +135,7 @@ def case_pac(iters: int, dtype: str, batch: int) -> list[dict]:
     cases[name] = jax.jit(grads[name]).lower(x, h, w, b).compile()
   times = _interleaved_medians(cases, [x, h, w, b], max(iters, 5))
   # The plain conv's FLOP rate is the ceiling the model's convolutions work under.
-  conv_flops = _flops(grads["conv3x3"], [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, h, w, b)])
+  conv_flops = xla_flops(grads["conv3x3"], [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, h, w, b)])
   records = []
   for name, compiled in cases.items():
     mem = compiled.memory_analysis()
