@@ -332,7 +332,7 @@ def main() -> None:
   device = f"{a.device} ({os.cpu_count()} CPU cores)"
   print(format_tables(records, device))
   if a.json:
-    from spadnet_jax.files import atomic_path  # pylint: disable=import-outside-toplevel
+    from spadnet_jax.storage.files import atomic_path  # pylint: disable=import-outside-toplevel
     with atomic_path(a.json) as tmp, open(tmp, "w") as f:
       json.dump({"device": device, "records": records}, f, indent=2)
 

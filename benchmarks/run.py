@@ -258,7 +258,7 @@ def main() -> None:
       r["mfu"] = r["achieved_tflop_s"] / peak
   print("\n" + format_table(records, device))
   if args.json:
-    from spadnet_jax.files import atomic_path
+    from spadnet_jax.storage.files import atomic_path
     with atomic_path(args.json) as tmp, open(tmp, "w") as f:
       json.dump(records, f, indent=2)
 

@@ -263,7 +263,7 @@ def main(argv: list[str]) -> int:
         f"+ collective bytes / {chip.ici_gb_per_s:g} GB/s ({chip.name} published peaks); an "
         "estimate, not a measurement")
   if FLAGS.json:
-    from spadnet_jax import files  # pylint: disable=import-outside-toplevel
+    from spadnet_jax.storage import files  # pylint: disable=import-outside-toplevel
     with files.atomic_path(FLAGS.json) as tmp, open(tmp, "w") as f:
       json.dump(records, f, indent=2)
   return 0

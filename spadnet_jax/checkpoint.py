@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from spadnet_jax import files, models, train_step
+from spadnet_jax import models, train_step
+from spadnet_jax.storage import files
 from spadnet_jax.models import SPADNet
 from spadnet_jax.storage.checksums import (CHECKSUMS, DamagedCheckpoint, is_sealed,  # noqa: F401
                                            problems, seal, step_bytes, step_folder,

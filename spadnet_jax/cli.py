@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 import ml_collections
 from absl import app, flags, logging as absl_logging
 
-from spadnet_jax import files, process_setup
+from spadnet_jax import process_setup
+from spadnet_jax.storage import files
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, files.WorkdirInUse)
 

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from spadnet_jax import files, models
+from spadnet_jax import models
+from spadnet_jax.storage import files
 from spadnet_jax.models import SPADNet
 from spadnet_jax.untrusted import arrays
 

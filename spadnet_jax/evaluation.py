@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spadnet_jax import checkpoint, files, metrics, models, sharding, visualize
+from spadnet_jax import checkpoint, metrics, models, sharding, visualize
+from spadnet_jax.storage import files
 from spadnet_jax.data import pipeline
 from spadnet_jax.models import SPADNet
 

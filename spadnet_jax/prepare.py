@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, TextIO
 import numpy as np
 from PIL import Image
 
-from spadnet_jax import files
+from spadnet_jax.storage import files
 from spadnet_jax.faces import detect, dlib_models, frame, photo_sets
 from spadnet_jax.untrusted import images
 

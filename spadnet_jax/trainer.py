@@ -16,8 +16,9 @@ import ml_collections
 import optax
 from clu import metric_writers, periodic_actions
 
-from spadnet_jax import (checkpoint, config_check, config_upgrade, evaluation, files, losses,
-                         metrics, models, preemption, process_setup, sharding, visualize)
+from spadnet_jax import (checkpoint, config_check, config_upgrade, evaluation, losses, metrics,
+                         models, preemption, process_setup, sharding, visualize)
+from spadnet_jax.storage import files
 from spadnet_jax.data import contract, pipeline, sources
 from spadnet_jax.models import SCALES, SPADNet
 from spadnet_jax.train_step import (TrainState, inference_params, init_state, make_optimizer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from spadnet_jax import files
+from spadnet_jax.storage import files
 
 GROUP_COLOURS = np.array([[1, .2, .2], [.2, .4, 1], [.2, .9, .2], [1, .8, 0], [.9, .3, 1]],
                          np.float32)

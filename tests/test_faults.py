@@ -15,7 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from spadnet_jax import checkpoint, files, trainer
+from spadnet_jax import checkpoint, trainer
+from spadnet_jax.storage import files
 from tests.conftest import REPO
 from tests.train_helpers import run_train, tiny_config, wait_for_line
 

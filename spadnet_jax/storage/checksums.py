@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from spadnet_jax import files
+from spadnet_jax.storage import files
 
 CHECKSUMS = "checksums.json"
 
