@@ -9,6 +9,7 @@ heatmaps, augmentation, batching, sharding across processes).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_collections
@@ -17,8 +18,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from spadnet_jax.data import builders  # noqa: F401  (registers the tfds builders)
-from spadnet_jax.data import contract, landmarks as lmk, provenance
+from spadnet_jax.data import contract, landmarks as lmk, provenance, remote
 from spadnet_jax.registry import Registry
+from spadnet_jax.storage import paths
 
 Splits = Mapping[str, Sequence[dict[str, Any]]]
 Loader = Callable[[ml_collections.ConfigDict], Splits]
@@ -74,9 +76,15 @@ def load_builder(cfg: ml_collections.ConfigDict, prepare: bool = True,
   Preparation holds a file lock beside the data set, so the processes of a run (or two
   runs) sharing a data_dir build it once while the others wait; where each host has its
   own data_dir, each builds its own copy. A prepared copy records its source
-  (provenance.json) and is refused when this run's source or settings differ.
+  (provenance.json) and is refused when this run's source or settings differ. A data_dir
+  that is an object-store URL is read from a local copy, built or downloaded once
+  (remote.py).
   """
-  kwargs = dict(data_dir=cfg.data_dir or None, **kwargs)
+  url = cfg.data_dir if cfg.data_dir and paths.is_url(cfg.data_dir) else None
+  if url:
+    paths.resolve(url, "config.data.data_dir")
+  local_root = remote.local_data_dir(url) if url else (cfg.data_dir or None)
+  kwargs = dict(data_dir=local_root, **kwargs)
   try:
     builder = tfds.builder(cfg.name, **kwargs)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
@@ -86,9 +94,12 @@ def load_builder(cfg: ml_collections.ConfigDict, prepare: bool = True,
     return builder
   manual_dir = cfg.manual_dir or None
   with provenance.build_lock(builder):
-    if builder.is_prepared():
+    in_bucket = url is not None and remote.fetch(url, local_root, os.fspath(builder.data_dir))
+    if in_bucket or builder.is_prepared():
       builder = tfds.builder(cfg.name, **kwargs)    # another process may have just built it
       provenance.check(builder, cfg)
+      if url and not in_bucket:
+        remote.publish(url, local_root, os.fspath(builder.data_dir))
       return builder
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not manual_dir:
       raise ValueError(f"config.data.manual_dir must point at the prepared {cfg.name} folders "
@@ -96,6 +107,8 @@ def load_builder(cfg: ml_collections.ConfigDict, prepare: bool = True,
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     provenance.record(builder, cfg)
+    if url:
+      remote.publish(url, local_root, os.fspath(builder.data_dir))
   return builder
 
 
