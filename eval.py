@@ -9,7 +9,6 @@ the previous intact one evaluated; a damaged --step fails. Exit status 1 (one li
 user error or when a summary metric is not finite.
 """
 import json
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -40,13 +39,13 @@ def _config():
   from spadnet_jax import config_upgrade
   if FLAGS.config is not None:
     return config_upgrade.upgrade_config(FLAGS.config, default.get_config())
-  path = os.path.join(FLAGS.workdir or "", "config.json")
-  if FLAGS.workdir and os.path.isfile(path):
-    with open(path) as f:
-      try:
-        saved = json.load(f)
-      except ValueError as e:
-        raise ValueError(f"{path} is not a configuration train.py wrote ({e})") from None
+  from spadnet_jax.storage import paths
+  path = paths.resolve(FLAGS.workdir, "--workdir") / "config.json" if FLAGS.workdir else None
+  if path is not None and path.is_file():
+    try:
+      saved = json.loads(path.read_text())
+    except ValueError as e:
+      raise ValueError(f"{path} is not a configuration train.py wrote ({e})") from None
     if not isinstance(saved, dict):
       raise ValueError(f"{path} is not a configuration train.py wrote (a JSON object)")
     return config_upgrade.upgrade_config(ml_collections.ConfigDict(saved), default.get_config())
@@ -60,7 +59,9 @@ def main(argv):
     raise app.UsageError("give --workdir or --checkpoint")
   from spadnet_jax import evaluation  # pylint: disable=import-outside-toplevel  # after set-up
   cfg = _config()
-  source = FLAGS.checkpoint or os.path.join(FLAGS.workdir, "checkpoints")
+  from spadnet_jax.storage import paths  # pylint: disable=import-outside-toplevel
+  source = (paths.resolve(FLAGS.checkpoint, "--checkpoint") if FLAGS.checkpoint
+            else paths.resolve(FLAGS.workdir, "--workdir") / "checkpoints")
   evaluation.evaluate_checkpoint(cfg, source, out_root=FLAGS.workdir or source, request=(
       evaluation.EvalRequest(split=FLAGS.split or cfg.data.eval_split,
                              score=FLAGS.score or cfg.metric_score,

@@ -6,7 +6,9 @@ Layout (an Orbax CheckpointManager directory): each step holds the items
   'train'    - optimizer state and counters (training runs only);
   'position' - JSON: examples of the training sequence consumed (training runs only);
 and checksums.json, the SHA-256 of every file of the step, written once Orbax has
-finalised it. Every restore verifies those checksums: a damaged step is named by step
+finalised it. The directory may be on a disk or in an object store (gs://; Orbax and
+TensorStore write there natively, and on GCS Orbax marks a finalised step with
+commit_success.txt in place of a rename). Every restore verifies those checksums: a damaged step is named by step
 and file and never trusted. eval.py, predict and the converter read 'model' and 'params'.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from spadnet_jax import models, train_step
-from spadnet_jax.storage import files
+from spadnet_jax.storage import files, paths
 from spadnet_jax.models import SPADNet
 from spadnet_jax.storage.checksums import (CHECKSUMS, DamagedCheckpoint, is_sealed,  # noqa: F401
                                            problems, seal, step_bytes, step_folder,
@@ -41,7 +43,7 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
           "train": ocp.StandardCheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
 
 
-def manager(directory: str, keep: int | None = None, async_save: bool = False,
+def manager(directory: str | os.PathLike[str], keep: int | None = None, async_save: bool = False,
             read_only: bool = False) -> ocp.CheckpointManager:
   """The CheckpointManager of this layout. With `keep`, training's retention: the last
   `keep` steps plus the best by validation PSNR (Y)."""
@@ -52,7 +54,7 @@ def manager(directory: str, keep: int | None = None, async_save: bool = False,
         ocm.BestN(get_metric_fn=lambda m: m["psnr_y"], reverse=False, n=1,   # highest wins
                   keep_checkpoints_without_metrics=False)])
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
+      paths.location(directory),
       options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                            read_only=read_only,
                                            enable_async_checkpointing=async_save),
@@ -61,13 +63,17 @@ def manager(directory: str, keep: int | None = None, async_save: bool = False,
 
 # --- integrity (storage/checksums.py) -----------------------------------------------------
 
+def _is_dir(directory: str | os.PathLike[str]) -> bool:
+  return paths.location(directory).is_dir()
+
+
 def seal_finalized(directory: str) -> list[int]:
   """Seal every finalised step that has no checksums yet (a run stopped between Orbax's
   finalisation and sealing); returns those steps."""
-  if not os.path.isdir(directory):
+  if not _is_dir(directory):
     return []
   done = []
-  for step in sorted(ocp.utils.checkpoint_steps(directory)):
+  for step in sorted(ocp.utils.checkpoint_steps(paths.location(directory))):
     if not is_sealed(directory, step):
       seal(directory, step)
       done.append(step)
@@ -76,9 +82,9 @@ def seal_finalized(directory: str) -> list[int]:
 
 def steps(directory: str) -> list[int]:
   """The finalised steps under a manager directory, newest first."""
-  if not os.path.isdir(directory):
+  if not _is_dir(directory):
     return []
-  return sorted(ocp.utils.checkpoint_steps(directory), reverse=True)
+  return sorted(ocp.utils.checkpoint_steps(paths.location(directory)), reverse=True)
 
 
 def restore_newest_intact(directory: str, step: int | None, restore: Callable[[int], Any],
@@ -171,7 +177,7 @@ def restore_train(mngr: ocp.CheckpointManager, step: int,
   device or process count). The position is None for steps written before it was kept."""
   args = dict(params=ocp.args.StandardRestore({"params": train_step.inference_params(abstract)}),
               train=ocp.args.StandardRestore(_train_item(abstract)))
-  has_position = os.path.isdir(os.path.join(step_folder(str(mngr.directory), step), "position"))
+  has_position = (paths.location(step_folder(mngr.directory, step)) / "position").is_dir()
   if has_position:
     args["position"] = ocp.args.JsonRestore()
   r = mngr.restore(step, args=ocp.args.Composite(**args))
@@ -200,13 +206,13 @@ def _sync(name: str) -> None:
 
 def _set_aside_newer(directory: str, restored: int, report: Report) -> None:
   """Move the steps newer than `restored` to <workdir>/checkpoints.set_aside/ (never delete)."""
-  aside = os.path.join(os.path.dirname(directory), "checkpoints.set_aside")
+  aside = paths.location(directory).parent / "checkpoints.set_aside"
   for s in [s for s in steps(directory) if s > restored]:
-    os.makedirs(aside, exist_ok=True)
-    target = os.path.join(aside, str(s))
-    if os.path.exists(target):
-      target = f"{target}.{int(time.time())}"
-    shutil.move(os.path.join(directory, str(s)), target)
+    aside.mkdir(parents=True, exist_ok=True)
+    target = aside / str(s)
+    if target.exists():
+      target = aside / f"{s}.{int(time.time())}"
+    paths.move(step_folder(directory, s), target)
     report(f"moved checkpoint step {s} to {target}: training goes on from step {restored}")
 
 
@@ -305,6 +311,8 @@ class TrainSaver:
   def _check_space(self, state: Any, at: int) -> None:
     """Refuse a save the disk cannot hold (about the size of the newest step, or of the
     state before the first save), before Orbax starts writing it. The processes agree."""
+    if paths.is_url(self.directory):       # an object store has no fixed capacity
+      return
     newest = steps(self.directory)
     need = (step_bytes(self.directory, newest[0]) if newest
             else sum(x.nbytes for x in jax.tree_util.tree_leaves(state)))
@@ -347,7 +355,7 @@ def save_inference_checkpoint(directory: str, model: SPADNet, variables: Any, st
   Refuses to replace an existing step (nothing already written is ever lost); Orbax
   writes to a temporary folder and renames it, so a crash leaves no half checkpoint.
   """
-  directory = os.path.abspath(directory)
+  directory = paths.absolute(directory)
   with manager(directory) as mngr:
     if step in mngr.all_steps():
       raise FileExistsError(f"{directory} already holds a checkpoint at step {step}; "
@@ -357,14 +365,14 @@ def save_inference_checkpoint(directory: str, model: SPADNet, variables: Any, st
         params=ocp.args.StandardSave(variables)))
     mngr.wait_until_finished()
   seal(directory, step)
-  return os.path.join(directory, str(step))
+  return step_folder(directory, step)
 
 
 def _manager_dir_and_step(path: str, step: int | None) -> tuple[str, int | None]:
   """Accept a CheckpointManager directory (step given or None for the newest intact) or
   one step folder."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.absolute(path)
+  if not _is_dir(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   one_step = step_of_folder(path)
   if step is None and one_step:
@@ -420,7 +428,7 @@ def load_model(path: str, step: int | None = None, shardings: Any = None,
     shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def restore(s: int) -> tuple[SPADNet, Any]:
-    where = os.path.join(directory, str(s), "params")
+    where = f"{step_folder(directory, s)}/params"
     model = models.from_config(_read_config(mngr, s), **overrides)
     meta = mngr.item_metadata(s)["params"]
     if meta is None:

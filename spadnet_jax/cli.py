@@ -20,9 +20,9 @@ import ml_collections
 from absl import app, flags, logging as absl_logging
 
 from spadnet_jax import process_setup
-from spadnet_jax.storage import files
+from spadnet_jax.storage import locks
 
-USER_ERRORS = (ValueError, OSError, FloatingPointError, files.WorkdirInUse)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, locks.WorkdirInUse)
 
 
 def _config_file(argv: Sequence[str], default: str | None) -> str | None:

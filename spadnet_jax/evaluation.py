@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from spadnet_jax import checkpoint, metrics, models, sharding, visualize
-from spadnet_jax.storage import files
 from spadnet_jax.data import pipeline
 from spadnet_jax.models import SPADNet
+from spadnet_jax.storage import files, paths
 
 PER_IMAGE_KEYS = ("psnr_y", "ssim_y", "psnr_rgb", "nme", "bicubic_psnr_y", "bicubic_ssim_y",
                   "bicubic_psnr_rgb")
@@ -172,14 +173,15 @@ class Evaluator:
 
 # --- reports -------------------------------------------------------------------------------
 
-def write_metrics(directory: str, result: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
-  """Write metrics.json (summary) and per_image.csv under `directory`, atomically."""
-  os.makedirs(directory, exist_ok=True)
+def write_metrics(directory: str | os.PathLike[str], result: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> epath.Path:
+  """Write metrics.json (summary) and per_image.csv under `directory` (a folder or an
+  object-store URL), atomically."""
+  directory = epath.Path(directory)
   summary = {**result["summary"], **(extra or {})}
-  path = os.path.join(directory, "metrics.json")
-  with files.atomic_path(path) as tmp, open(tmp, "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  with files.atomic_path(os.path.join(directory, "per_image.csv")) as tmp, \
+  path = directory / "metrics.json"
+  files.write_text(path, json.dumps(summary, indent=2, sort_keys=True))
+  with files.atomic_path(directory / "per_image.csv") as tmp, \
        open(tmp, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["filename", *PER_IMAGE_KEYS])
@@ -199,7 +201,7 @@ def format_table(summary: dict[str, Any], protocol: str) -> str:
   return "\n".join(lines)
 
 
-def report(directory: str, result: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def report(directory: str | os.PathLike[str], result: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
   """Write the report files and print the table (primary process); returns summary + extra.
   `extra` must hold 'protocol'."""
   if jax.process_index() == 0:
@@ -229,12 +231,14 @@ class EvalRequest:
   save_images: bool = True       # write the SR PNGs
 
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str, out_root: str,
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str | os.PathLike[str],
+                        out_root: str | os.PathLike[str],
                         request: EvalRequest) -> dict[str, Any]:
   """What eval.py runs: evaluate checkpoint `source` as `request` says, with the data of
   `cfg`; the report, SR PNGs and comparison grids go to out_root/eval/<step>/. Non-finite
   metrics raise FloatingPointError."""
   mesh = sharding.make_mesh(1)
+  source = paths.resolve(source, "--checkpoint")
   model, variables, step = checkpoint.load_model(source, request.step,
                                                  shardings=sharding.replicated(mesh),
                                                  pac_impl=cfg.model.pac_impl)
@@ -244,7 +248,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str, out_root: s
   split, score = request.split, request.score
   evaluator = Evaluator(model, pipeline.Data(cfg.data), split, mesh, batch_size,
                         limit=request.num_images, scoring=Scoring(score=score))
-  out_dir = os.path.join(os.path.abspath(out_root), "eval", str(step))
+  out_dir = paths.resolve(out_root, "--workdir") / "eval" / str(step)
   is_main = jax.process_index() == 0
   grids_left = [request.num_grids]
 
@@ -254,20 +258,20 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str, out_root: s
     for i, name in enumerate(batch["filename"]):
       stem = os.path.splitext(os.path.basename(name))[0] or f"image{i}"
       if request.save_images:
-        visualize.save_png(os.path.join(out_dir, "sr", f"{stem}.png"), batch["sr"][i])
+        visualize.save_png(out_dir / "sr" / f"{stem}.png", batch["sr"][i])
       if grids_left[0] > 0:
         grids_left[0] -= 1
         hm = None if batch["heatmap"] is None else batch["heatmap"][i]
         row = visualize.comparison_row(batch["lr"][i], batch["lr_up"][i], batch["sr"][i],
                                        batch["hr"][i], hm)
-        visualize.save_png(os.path.join(out_dir, "grids", f"{stem}.png"), row)
+        visualize.save_png(out_dir / "grids" / f"{stem}.png", row)
 
   result = evaluator(variables, on_batch=save)
   summary = report(out_dir, result, {
-      "step": step, "checkpoint": os.path.abspath(source), "split": split, "data": cfg.data.name,
+      "step": step, "checkpoint": os.fspath(source), "split": split, "data": cfg.data.name,
       "protocol": metrics.protocol(score), "score": score, "model": models.to_config(model)})
   bad = nonfinite_metrics(result["summary"], heatmaps=model.heatmap_branch)
   if bad:
-    raise FloatingPointError(f"checkpoint step {step} of {os.path.abspath(source)} gives "
+    raise FloatingPointError(f"checkpoint step {step} of {source} gives "
                              f"non-finite {', '.join(bad)} on {split}")
   return summary

@@ -353,6 +353,7 @@ def main(argv: list[str]) -> int:
     compile_cache.configure(root=os.path.abspath(a.cache_dir))
   from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
   from spadnet_jax.faces import dlib_models  # pylint: disable=import-outside-toplevel
+  from spadnet_jax.storage import paths  # pylint: disable=import-outside-toplevel
   cli.quiet_logging(a.verbosity >= 1, data_sets=False)
 
   def run() -> int:
@@ -360,6 +361,7 @@ def main(argv: list[str]) -> int:
       raise ValueError(f"--max_pixels {a.max_pixels:g}: must be at least 1")
     if a.batch_size is not None and a.batch_size < 1:
       raise ValueError(f"--batch_size {a.batch_size}: must be at least 1")
+    paths.resolve(a.checkpoint, "--checkpoint")     # a URL this installation cannot reach
     if a.faces:
       options = FaceOptions(a.batch_size, a.lr_kernel, a.upscale, a.detector, a.min_face,
                             a.max_face, a.max_upsample, a.max_pixels or MAX_PHOTO_PIXELS)

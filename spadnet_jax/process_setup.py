@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 from absl import flags
 
 from spadnet_jax import compile_cache
+from spadnet_jax.storage import paths
 
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
@@ -131,6 +132,7 @@ def prepare(long_running: bool = True) -> None:
   persistent compilation cache and quiet native logs. Only from a program's own
   `if __name__ == "__main__":` block.
 
+  The object-store clients are routed (storage/paths.py) before any of them is imported.
   A short call (predict over a folder) skips the restart: huge pages pay back their
   zeroing over many steps, and a 10-face predict call took about 0.8 s longer with them
   (docs/performance.md).
@@ -138,6 +140,7 @@ def prepare(long_running: bool = True) -> None:
   if long_running:
     restart_with_malloc_tunables()
   configure_xla_cpu()
+  paths.configure_clients()
   compile_cache.configure()
   quiet_native_logs(sys.argv)
   quiet_absent_tpu()

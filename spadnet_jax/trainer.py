@@ -15,10 +15,11 @@ import jax
 import ml_collections
 import optax
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from spadnet_jax import (checkpoint, config_check, config_upgrade, evaluation, losses, metrics,
                          models, preemption, process_setup, sharding, visualize)
-from spadnet_jax.storage import files
+from spadnet_jax.storage import files, locks, mirror, paths
 from spadnet_jax.data import contract, pipeline, sources
 from spadnet_jax.models import SCALES, SPADNet
 from spadnet_jax.train_step import (TrainState, inference_params, init_state, make_optimizer,
@@ -43,21 +44,25 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
   return losses.weights(cfg)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
                        step: int | None = None) -> dict[str, Any]:
   """Train (resuming from workdir's newest intact checkpoint, or `step`), then evaluate.
 
   Returns the summary, or {'preempted_at': step} when a stop request (SIGTERM) ended
-  training early. One run per workdir: a second one fails with files.WorkdirInUse
-  naming the holder.
+  training early. One run per workdir: a second one fails with locks.WorkdirInUse
+  naming the holder. `workdir` may be an object-store URL (gs://bucket/run): everything
+  the run writes goes there.
   """
   cfg = config_upgrade.upgrade_config(cfg)
   mesh = sharding.make_mesh(cfg.fsdp)
   model = build_model(cfg)
   loss_terms = validate_config(cfg, mesh.size)
-  workdir = os.path.abspath(workdir)
-  with files.WorkdirLock(workdir, jax.process_index()), \
+  workdir = paths.resolve(workdir, "--workdir")
+  with locks.workdir_lock(workdir, jax.process_index()) as lock, \
        preemption.StopRequest(cfg.preemption_sync_every) as stop:
+    if lock.took_over and jax.process_index() == 0:
+      print(f"took over the workdir lock of a run that stopped ({locks.describe(lock.took_over)})",
+            flush=True)
     return _train(cfg, workdir, mesh, model, loss_terms, step, stop)
 
 
@@ -105,7 +110,7 @@ def lower_train_step(cfg: ml_collections.ConfigDict, model: SPADNet,
                                                             batch_sharding))
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+def _train(cfg: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sharding.Mesh,
            model: SPADNet, loss_terms: dict[str, float], resume_step: int | None,
            stop: preemption.StopRequest) -> dict[str, Any]:
   is_main = jax.process_index() == 0
@@ -115,8 +120,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   data = pipeline.Data(cfg.data)          # prepared once here; fails early on a missing data set
   report(f"data: {cfg.data.name}" + (f" in {data.location}" if data.location else ""))
   if is_main:
-    with files.atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    files.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2))
   train_size = data.num_examples(cfg.data.train_split)
   steps_per_epoch = max(train_size // cfg.batch_size, 1)
   num_steps = cfg.num_train_steps if cfg.num_train_steps > 0 else int(cfg.num_epochs * steps_per_epoch)
@@ -124,7 +128,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
 
   abstract, state_shardings = state_layout(cfg, model, tx, mesh)
 
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = os.fspath(workdir / "checkpoints")
   resumed = checkpoint.resume(ckpt_dir, resume_step, abstract, report, is_main)
   if resumed is not None:
     state, position = resumed
@@ -180,7 +184,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   writer.write_texts(step, {"test_table": evaluation.format_table(result["summary"],
                                                                   summary["protocol"])})
   writer.flush()
-  if os.path.isfile(grid_path(workdir, step)):
+  if grid_path(workdir, step).exists():
     report(f"comparison grid (LR | bicubic | SR | HR | heatmap): {grid_path(workdir, step)}")
   if skipped > cfg.max_skipped_fraction * max(step, 1):
     raise FloatingPointError(
@@ -189,11 +193,14 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
   return summary
 
 
-def _metric_writer(workdir: str, is_main: bool) -> metric_writers.MetricWriter:
+def _metric_writer(workdir: epath.Path, is_main: bool) -> metric_writers.MetricWriter:
   """clu's default writer (TensorBoard events on process 0); a full disk, which TensorFlow
-  reports as ResourceExhaustedError, becomes the OSError a person reads in one line."""
+  reports as ResourceExhaustedError, becomes the OSError a person reads in one line. In an
+  object store the events are written locally and uploaded at each flush (mirror.py)."""
   try:
-    return metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    if paths.is_url(workdir) and is_main:
+      return mirror.MirroredWriter(workdir)
+    return metric_writers.create_default_writer(os.fspath(workdir), just_logging=not is_main)
   except Exception as e:  # pylint: disable=broad-except  # TensorFlow's errors are no OSErrors
     if "No space left on device" in str(e):
       raise files.DiskFull(errno.ENOSPC, f"no space left on device creating the TensorBoard events "
@@ -201,12 +208,12 @@ def _metric_writer(workdir: str, is_main: bool) -> metric_writers.MetricWriter:
     raise
 
 
-def grid_path(workdir: str, step: int) -> str:
+def grid_path(workdir: epath.Path, step: int) -> epath.Path:
   """Where the comparison grid of the validation at `step` is written."""
-  return os.path.join(workdir, "grids", f"step_{step:06d}.png")
+  return epath.Path(workdir) / "grids" / f"step_{step:06d}.png"
 
 
-def _save_grid(path: str, grid: Any, report: Callable[[str], None]) -> None:
+def _save_grid(path: epath.Path, grid: Any, report: Callable[[str], None]) -> None:
   """Write a comparison grid; a grid that cannot be written (a full disk) is reported and
   training goes on: the checkpoint that follows says what to do."""
   try:
@@ -241,7 +248,7 @@ def itstime(step: int, every: int, last: int) -> bool:
 class _Run:
   """What the training steps need besides the state: fixed for the whole run."""
   cfg: ml_collections.ConfigDict
-  workdir: str
+  workdir: epath.Path
   mesh: jax.sharding.Mesh
   num_steps: int
   steps_per_epoch: int
@@ -289,7 +296,8 @@ def _loop(run: _Run, train_step: Callable, iterator: Iterator[dict[str, Any]], s
   hooks = [periodic_actions.ReportProgress(num_train_steps=run.num_steps, writer=run.writer,
                                            every_steps=cfg.log_every)]
   if cfg.profile_steps > 0 and run.is_main:
-    hooks.append(periodic_actions.Profile(num_profile_steps=cfg.profile_steps, logdir=run.workdir))
+    hooks.append(periodic_actions.Profile(num_profile_steps=cfg.profile_steps,
+                                          logdir=os.fspath(run.workdir)))
   train_metrics, start, start_step = None, time.perf_counter(), step
   run.report(f"training {run.num_steps} steps ({run.steps_per_epoch} per epoch) on "
              f"{run.mesh.size} device(s), mesh {dict(run.mesh.shape)}, from step {step}")

@@ -1,6 +1,8 @@
 """Pictures for people: comparison grids, heatmap overlays and atomic PNG writing."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -49,7 +51,7 @@ def image_grid(images: dict[str, np.ndarray]) -> np.ndarray:
   return np.concatenate(rows, axis=0)[None]
 
 
-def save_png(path: str, image: np.ndarray) -> None:
+def save_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
   """Write a [0, 1] float or uint8 image as PNG via a temporary file (never half-written)."""
   data = image if image.dtype == np.uint8 else to_uint8(image)
   with files.atomic_path(path) as tmp:

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from spadnet_jax import checkpoint, trainer
-from spadnet_jax.storage import files
+from spadnet_jax.storage import locks
 from tests.conftest import REPO
 from tests.train_helpers import run_train, tiny_config, wait_for_line
 
@@ -160,10 +160,10 @@ def test_a_second_run_in_a_workdir_in_use_is_refused_and_a_killed_one_does_not_b
   finally:
     first.send_signal(signal.SIGKILL)
     first.communicate()
-  with files.WorkdirLock(work):          # the dead run's lock is gone with its process
+  with locks.workdir_lock(work):          # the dead run's lock is gone with its process
     pass
-  with files.WorkdirLock(work), pytest.raises(files.WorkdirInUse, match=f"pid {os.getpid()}"):
-    with files.WorkdirLock(work):
+  with locks.workdir_lock(work), pytest.raises(locks.WorkdirInUse, match=f"pid {os.getpid()}"):
+    with locks.workdir_lock(work):
       pass
 
 

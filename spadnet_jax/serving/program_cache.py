@@ -37,7 +37,7 @@ import numpy as np
 import spadnet_jax
 from spadnet_jax import compile_cache
 from spadnet_jax.serving import exported
-from spadnet_jax.storage import checksums
+from spadnet_jax.storage import checksums, paths
 from spadnet_jax.untrusted import arrays
 
 FORMAT = 1
@@ -81,10 +81,15 @@ def step_of(path: str) -> tuple[str, int] | None:
   """(manager directory, step) that load_model would choose for `path`, when that step has
   checksums and they verify; None otherwise (no checksums, damaged, or not a checkpoint:
   load_model then reports or refuses it as it always does)."""
-  path = os.path.abspath(path)
+  path = paths.absolute(path)
   one_step = checksums.step_of_folder(path)
   if one_step:
     directory, step = one_step
+  elif paths.is_url(path):
+    numbered = checksums.sealed_steps(path)
+    if not numbered:
+      return None
+    directory, step = path, numbered[0]
   elif os.path.isdir(path):
     numbered = sorted((int(n) for n in os.listdir(path) if n.isdigit()), reverse=True)
     if not numbered:
