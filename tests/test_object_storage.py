@@ -206,6 +206,19 @@ def test_a_run_writes_everything_into_the_bucket_and_resumes_from_it(bucket_runs
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
+def test_resuming_an_older_step_sets_the_newer_ones_aside_in_the_bucket(bucket_runs, capsys):
+  cfg = tiny_config(bucket_runs["data"], num_train_steps=2, checkpoint_every=2, eval_every=4)
+  before = {n: s for n, s in _objects(f"{ROOT}/full/checkpoints").items() if n.startswith("4/")}
+  trainer.train_and_evaluate(cfg, f"{ROOT}/full", step=2)
+  out = capsys.readouterr().out
+  assert (f"moved checkpoint step 4 to {ROOT}/full/checkpoints.set_aside/4: training goes on "
+          "from step 2") in out
+  assert checkpoint.steps(f"{ROOT}/full/checkpoints") == [2]
+  aside = _objects(f"{ROOT}/full/checkpoints.set_aside/4")
+  assert aside == {n[2:]: s for n, s in before.items()}      # every object kept, none lost
+  assert checksums.verify(f"{ROOT}/full/checkpoints.set_aside", 4)
+
+
 def test_a_data_set_is_built_into_a_bucket_and_read_from_it(bucket_runs, tmp_path, monkeypatch):
   found = _objects(bucket_runs["data"])
   version = "synthetic_faces/tiny/1.0.0"
