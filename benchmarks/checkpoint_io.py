@@ -27,7 +27,8 @@ def _state() -> tuple[Any, Any, Any]:
 
   from benchmarks import steps  # pylint: disable=import-outside-toplevel
   from spadnet_jax import sharding, trainer  # pylint: disable=import-outside-toplevel
-  from spadnet_jax.train_step import init_state, make_optimizer  # pylint: disable=import-outside-toplevel
+  from spadnet_jax.train_step import (init_state,  # pylint: disable=import-outside-toplevel
+                                      make_optimizer)
   cfg = steps.paper_config()
   model = trainer.build_model(cfg)
   tx, _ = make_optimizer(cfg, steps_per_epoch=10_000)

@@ -6,15 +6,15 @@ Layout (an Orbax CheckpointManager directory): each step holds the items
   'train'    - optimizer state and counters (training runs only);
   'position' - JSON: examples of the training sequence consumed (training runs only);
 and checksums.json, the SHA-256 of every file of the step, written once Orbax has
-finalised it. The directory may be on a disk or in an object store (gs://; Orbax and
-TensorStore write there natively, and on GCS Orbax marks a finalised step with
-commit_success.txt in place of a rename). Every restore verifies those checksums: a damaged step is named by step
-and file and never trusted. eval.py, predict and the converter read 'model' and 'params'.
+finalised it. Every restore verifies those checksums: a damaged step is named by step
+and file and never trusted. The directory may be on a disk or in an object store (gs://:
+Orbax and TensorStore write there natively; on GCS Orbax marks a finalised step with
+commit_success.txt in place of a rename). eval.py, predict and the converter read 'model'
+and 'params'.
 """
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import time

@@ -54,10 +54,10 @@ def running_server(bucket: str = BUCKET) -> Iterator[str]:
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   with tempfile.TemporaryDirectory() as root, open(os.path.join(root, "server.log"), "w") as log:
-    proc = subprocess.Popen([binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                             "-backend", "filesystem", "-filesystem-root", os.path.join(root, "data"),
-                             "-external-url", url, "-log-level", "error"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    command = [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+               "-backend", "filesystem", "-filesystem-root", os.path.join(root, "data"),
+               "-external-url", url, "-log-level", "error"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
       deadline = time.monotonic() + 20
       while True:

@@ -31,10 +31,14 @@ def _objects(url: str) -> dict[str, int]:
 
 def _program(script: str, *args: str, cwd: str, cache: str, env=None, popen: bool = False):
   """A program of the repository started from `cwd` with its own local cache folder: the
-  process shares nothing with the others but the bucket."""
-  full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
+  process shares nothing with the others but the bucket. Of the client settings it gets
+  STORAGE_EMULATOR_HOST alone: the program derives the rest."""
+  derived = paths.client_environment({paths.EMULATOR: "host"})
+  full_env = {**{k: v for k, v in os.environ.items() if k not in derived},
+              "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
               "SPADNET_CACHE_DIR": cache, **(env or {})}
-  cmd = [sys.executable, *([str(REPO / script)] if script.endswith(".py") else ["-m", script]), *args]
+  program = [str(REPO / script)] if script.endswith(".py") else ["-m", script]
+  cmd = [sys.executable, *program, *args]
   if popen:
     return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -73,6 +77,18 @@ def test_the_emulator_host_alone_routes_every_client():
   r = subprocess.run([sys.executable, "-c", "import fsspec.config as c; print(c.conf['gcs'])"],
                      env={**os.environ, **env}, capture_output=True, text=True, check=True)
   assert r.stdout.strip() == "{'use_listings_cache': False, 'token': 'anon'}"
+
+
+def test_urls_go_through_fsspec_even_after_local_paths_were_used():
+  # etils caches its backend choice on the first path of any kind (Orbax makes many before
+  # a URL is seen in a long-lived process); configure_clients makes it choose again.
+  code = ("import os; from etils import epath; epath.Path('/tmp').exists(); "
+          "from spadnet_jax.storage import paths; paths.configure_clients(); "
+          "print(type(epath.Path('gs://b/x')._backend).__name__)")
+  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     check=True)
+  assert r.stdout.strip() == "_FileSystemSpecBackend"
 
 
 def test_a_bad_workdir_url_is_one_line_before_anything_runs(tmp_path):
@@ -279,32 +295,32 @@ def test_a_second_run_on_a_bucket_workdir_is_refused_by_the_lock(gcs, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_resumes_from_the_last_intact_step(gcs, tmp_path):
   work, cache = f"{ROOT}/killed", str(tmp_path / "cache")
-  args = _train_args(work, f"{ROOT}/data", "--config.num_train_steps=400",
-                     "--config.checkpoint_every=1", "--config.keep_checkpoints=1000")
+  ckpts = f"{work}/checkpoints"
+  every = ("--config.checkpoint_every=1", "--config.keep_checkpoints=1000")
+  args = _train_args(work, f"{ROOT}/data", "--config.num_train_steps=400", *every)
   p = _program("train.py", *args, cwd=str(tmp_path), cache=cache, popen=True)
   partial = None
   try:
     deadline = time.time() + 300
     while partial is None and time.time() < deadline and p.poll() is None:
-      found = _objects(f"{work}/checkpoints")
+      found = _objects(ckpts)
       started = {n.split("/")[0] for n in found if n.split("/")[0].isdigit()}
-      done = {n.split("/")[0] for n in found if n.count("/") == 1 and n.endswith("/commit_success.txt")}
+      done = {n.split("/")[0] for n in found
+              if n.count("/") == 1 and n.endswith("/commit_success.txt")}
       if started - done and done:
         partial = sorted(int(s) for s in started - done)
   finally:
     p.send_signal(signal.SIGKILL)
     p.communicate()
   assert partial, "no checkpoint write was caught in progress"
-  intact = [s for s in checkpoint.steps(f"{work}/checkpoints") if checksums.is_sealed(f"{work}/checkpoints", s)]
-  r = _program("train.py", *_train_args(work, f"{ROOT}/data", f"--config.num_train_steps={max(partial) + 1}",
-                                        "--config.checkpoint_every=1", "--config.keep_checkpoints=1000"),
-               cwd=str(tmp_path), cache=cache)
+  intact = [s for s in checkpoint.steps(ckpts) if checksums.is_sealed(ckpts, s)]
+  last = max(partial) + 1
+  r = _program("train.py", *_train_args(work, f"{ROOT}/data", f"--config.num_train_steps={last}",
+                                        *every), cwd=str(tmp_path), cache=cache)
   assert r.returncode == 0, r.stdout + r.stderr
   resumed = int(r.stdout.split("resumed from step ")[1].split()[0])
-  assert resumed >= max(intact) and resumed < min(partial), (resumed, intact, partial)
-  final = checkpoint.steps(f"{work}/checkpoints")[0]
-  assert final == max(partial) + 1, " ".join(sorted(n for n in _objects(f"{work}/checkpoints") if "/d/" not in n))
-  assert checksums.verify(f"{work}/checkpoints", final)
+  assert max(intact) <= resumed < min(partial), (resumed, intact, partial)
+  assert checkpoint.steps(ckpts)[0] == last and checksums.verify(ckpts, last)
 
 
 @pytest.mark.slow

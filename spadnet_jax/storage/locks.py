@@ -62,7 +62,7 @@ class FileLock:
     self.path = os.path.join(self.workdir, _lock_name(process_index))
     self.process_index = process_index
     self._file = None
-    self.took_over: dict[str, Any] | None = None     # always None: the kernel frees a dead holder's lock
+    self.took_over: dict[str, Any] | None = None   # always None: the kernel frees a dead holder
 
   def __enter__(self) -> "FileLock":
     os.makedirs(self.workdir, exist_ok=True)

@@ -66,10 +66,14 @@ def client_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
 def configure_clients(environ: MutableMapping[str, str] | None = None) -> None:
   """Set client_environment()'s variables, before a client is first used: gcsfs reads its
   own when imported, fsspec its defaults when imported (lazily, on the first URL) or, if it
-  already was, here."""
+  already was, here; etils caches its backend choice on the first path of any kind, which
+  is forgotten here so that it reads EPATH_USE_TF again."""
   environ = os.environ if environ is None else environ
   added = client_environment(environ)
   environ.update(added)
+  gpath = sys.modules.get("etils.epath.gpath")
+  if "EPATH_USE_TF" in added and hasattr(getattr(gpath, "_is_tf_installed", None), "cache_clear"):
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access  # etils caches the choice
   if "FSSPEC_GCS" in added and "fsspec.config" in sys.modules:
     gcs = sys.modules["fsspec.config"].conf.setdefault("gcs", {})
     for key, value in json.loads(added["FSSPEC_GCS"]).items():
