@@ -164,13 +164,27 @@ def compile_program(program: program_cache.Program, batch_size: int) -> Callable
   return compiled
 
 
+def load_program(path: str) -> program_cache.Program:
+  """An export folder's model.jaxexport, or a checkpoint through the program cache."""
+  from spadnet_jax.serving import artifacts  # pylint: disable=import-outside-toplevel
+  if artifacts.is_export_folder(path):
+    return artifacts.load_program(path)
+  return program_cache.load(path)
+
+
+def _kind(path: str) -> str:
+  from spadnet_jax.serving import artifacts  # pylint: disable=import-outside-toplevel
+  return "model" if artifacts.is_export_folder(path) else "checkpoint"
+
+
 def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int | None = None,
             lr_kernel: str = "pil", max_pixels: float = MAX_FACE_PIXELS) -> int:
   """Super-resolve every image under `inputs`; returns the number of failed files
   (unreadable, not square, or declaring more than `max_pixels`).
 
   Args:
-    checkpoint_path: a checkpoint folder (the newest intact step) or one step.
+    checkpoint_path: a checkpoint folder (the newest intact step), one step, or an export
+      folder (spadnet_jax.export).
     inputs: an LR face image or a folder of them.
     output: the folder for the SR PNGs (neither the input folder nor inside it).
     batch_size: images per model call at most (None: default_batch_size()).
@@ -182,10 +196,11 @@ def predict(checkpoint_path: str, inputs: str, output: str, batch_size: int | No
   names = output_names(files)
   check_output(inputs, files, output, list(names.values()))
   prepare_output(output)
-  program = program_cache.load(checkpoint_path)
+  program = load_program(checkpoint_path)
   scale = program.model_config["scale"]
   lr_size = contract.lr_size(scale)
-  print(f"checkpoint {checkpoint_path} (step {program.step}): x{scale}, input {lr_size}x{lr_size}")
+  print(f"{_kind(checkpoint_path)} {checkpoint_path} (step {program.step}): x{scale}, "
+        f"input {lr_size}x{lr_size}")
   batch_size = batch_plan(len(files), batch_size or default_batch_size())
   apply, variables = compile_program(program, batch_size), jax.device_put(program.variables)
   pending: list[tuple[str, np.ndarray]] = []
@@ -249,7 +264,7 @@ def predict_faces(checkpoint_path: str, inputs: str, output: str,
   check_output(inputs, files, output, [f"{s}{end}" for s in stems for end in (".png", "_compare.png")])
   models = dlib_models.load(options.detector)  # a missing extra is said before anything is made
   prepare_output(output)
-  program = program_cache.load(checkpoint_path)
+  program = load_program(checkpoint_path)
   scale = program.model_config["scale"]
   upscale = float(scale if upscale is None else upscale)
   lr_size = contract.lr_size(scale)
@@ -319,7 +334,11 @@ def _faces_line(faces: list[Any]) -> str:
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="python -m spadnet_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True)
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--checkpoint", help="a checkpoint folder (its newest intact step), one "
+                      "step, or a gs:// URL")
+  source.add_argument("--model", help="an export folder (python -m spadnet_jax.export): runs its "
+                      "model.jaxexport, no Flax model built")
   p.add_argument("--input", required=True, help="an image file or a folder of images")
   p.add_argument("--output", required=True, help="folder for the SR PNGs")
   p.add_argument("--batch_size", type=int, default=FaceOptions.batch_size,
@@ -353,6 +372,7 @@ def main(argv: list[str]) -> int:
     compile_cache.configure(root=os.path.abspath(a.cache_dir))
   from spadnet_jax import cli  # pylint: disable=import-outside-toplevel
   from spadnet_jax.faces import dlib_models  # pylint: disable=import-outside-toplevel
+  from spadnet_jax.serving import artifacts  # pylint: disable=import-outside-toplevel
   from spadnet_jax.storage import paths  # pylint: disable=import-outside-toplevel
   cli.quiet_logging(a.verbosity >= 1, data_sets=False)
 
@@ -361,12 +381,17 @@ def main(argv: list[str]) -> int:
       raise ValueError(f"--max_pixels {a.max_pixels:g}: must be at least 1")
     if a.batch_size is not None and a.batch_size < 1:
       raise ValueError(f"--batch_size {a.batch_size}: must be at least 1")
-    paths.resolve(a.checkpoint, "--checkpoint")     # a URL this installation cannot reach
+    if a.checkpoint:
+      paths.resolve(a.checkpoint, "--checkpoint")     # a URL this installation cannot reach
+    elif not artifacts.is_export_folder(a.model):
+      raise FileNotFoundError(f"--model {a.model} is not an export folder (no "
+                              f"{artifacts.MANIFEST} and {artifacts.JAXEXPORT})")
+    source = a.checkpoint or a.model
     if a.faces:
       options = FaceOptions(a.batch_size, a.lr_kernel, a.upscale, a.detector, a.min_face,
                             a.max_face, a.max_upsample, a.max_pixels or MAX_PHOTO_PIXELS)
-      return 1 if predict_faces(a.checkpoint, a.input, a.output, options) else 0
-    return 1 if predict(a.checkpoint, a.input, a.output, a.batch_size, a.lr_kernel,
+      return 1 if predict_faces(source, a.input, a.output, options) else 0
+    return 1 if predict(source, a.input, a.output, a.batch_size, a.lr_kernel,
                         a.max_pixels or MAX_FACE_PIXELS) else 0
 
   return cli.one_line_errors(run, a.verbosity >= 1, (dlib_models.MissingExtra,))
