@@ -14,6 +14,9 @@ fresh process of its own, the official and our cases alternating, round after ro
   torch.compile default and max-autotune; inference always under torch.inference_mode), and
   our ratio is taken against the fastest. Our rows also give the model's FLOP rate (XLA's
   count) as a fraction of a large float32 matmul's rate measured in the same run.
+- onnxruntime (CPU execution provider) running our model exported to ONNX
+  (spadnet_jax.export's converter) at inference batch 1 and 8, with --device cpu and the
+  export extra installed: a third way to deploy, beside the other two.
 - cold start: a user's whole call, PNG to PNG, on 10 aligned 16x16 faces: an official-style
   script (torch.load of the .pth, bicubic x8, net(lr) per face, PNG save; as test.py does)
   against `python -m spadnet_jax.predict`, first call (empty compilation cache) and repeated
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -42,7 +46,8 @@ from typing import Any
 from benchmarks import official_torch
 
 PAPER = {"number": 6, "hab_num": 5}
-TINY = {"number": 2, "hab_num": 1}    # the fixtures' small size: the harness end to end, fast
+TINY = {"number": 2, "hab_num": 1}
+ONNX_ENV = "SPADNET_BENCH_ONNX"       # where run_all's ONNX export lies, for the timing child    # the fixtures' small size: the harness end to end, fast
 
 
 @dataclasses.dataclass
@@ -148,6 +153,12 @@ def run_all(a: argparse.Namespace) -> list[dict[str, Any]]:
   records = []
   with tempfile.TemporaryDirectory() as root:
     files = prepare_inputs(root, a, size, env) if "cold_start" in a.cases else None
+    onnx = os.path.join(root, "model.onnx")
+    with_onnx = ("inference" in a.cases and a.device == "cpu"
+                 and importlib.util.find_spec("jax2onnx") is not None
+                 and run_process(_child_cmd("make_onnx", onnx, size["number"], size["hab_num"]),
+                                 env, a.timeout).rc == 0)
+    env = {**env, ONNX_ENV: onnx}
     for r in range(a.rounds):
       jobs = [("spadnet-jax", "xla", "matmul", 0)]
       if r == 0:      # XLA's FLOP count, apart: its lowering would count in a timed case's memory
@@ -155,6 +166,8 @@ def run_all(a: argparse.Namespace) -> list[dict[str, Any]]:
       for kind, batch in cases(a.device):
         if kind in a.cases:
           ours = [("spadnet-jax", "xla", kind, batch)]
+          if with_onnx and kind == "inference":
+            ours.append(("onnxruntime", "cpu_ep", kind, batch))
           theirs = [("official", s, kind, batch) for s in a.settings]
           jobs += ours + theirs if r % 2 else theirs + ours
       for side, setting, kind, batch in jobs:
@@ -219,6 +232,21 @@ def format_tables(records: list[dict[str, Any]], device: str) -> str:
       lines.append(f"| {kind} | {batch} | {setting} | " + (
           f"failed: {v['failed']} | | |" if "failed" in v else
           f"{v['images_per_s']:.2f} | {v['peak_memory_gib']:.2f} | {v['first_call_s']:.1f} |"))
+  runtime = {k: v for k, v in s.items() if k[0] == "onnxruntime"}
+  if runtime:
+    lines += ["", "onnxruntime (CPU execution provider, our model exported to ONNX):", "",
+              "| case | batch | img/s | peak GiB | vs spadnet-jax | vs official best |",
+              "|---|---|---|---|---|---|"]
+    for (_, _, kind, batch), v in sorted(runtime.items()):
+      if "failed" in v:
+        lines.append(f"| {kind} | {batch} | failed: {v['failed']} | | | |")
+        continue
+      ours = s.get(("spadnet-jax", "xla", kind, batch), {}).get("images_per_s")
+      theirs = [w["images_per_s"] for k, w in s.items()
+                if k[0] == "official" and k[2:] == (kind, batch) and "failed" not in w]
+      versus = [f"{v['images_per_s'] / r:.2f}x" if r else "-" for r in (ours, max(theirs, default=None))]
+      lines.append(f"| {kind} | {batch} | {v['images_per_s']:.2f} | {v['peak_memory_gib']:.2f} | "
+                   f"{versus[0]} | {versus[1]} |")
   cold = [r for r in records if r.get("case", "").startswith("cold_")]
   if cold:
     lines += ["", "Cold start: one whole call, PNG to PNG (medians over rounds):", "",
@@ -247,6 +275,8 @@ def child(argv: list[str]) -> None:
     torch.save(net.state_dict(), pth)
   elif what == "make_faces":
     make_faces(rest[0], int(rest[1]))
+  elif what == "make_onnx":
+    make_onnx(rest[0], {"number": int(rest[1]), "hab_num": int(rest[2])})
   elif what == "official_predict":
     with official_torch.quiet_stdout():
       official_torch.official_style_predict(*rest)
@@ -257,6 +287,8 @@ def child(argv: list[str]) -> None:
       with official_torch.quiet_stdout():
         record = official_torch.time_case(checkout, kind, int(batch), setting, int(iters), device,
                                           {"scale": 8, **size})
+    elif side == "onnxruntime":
+      record = onnxruntime_rate(os.environ[ONNX_ENV], int(batch), int(iters))
     elif kind == "matmul":
       record = matmul_rate(int(iters))
     elif setting == "flops":
@@ -266,6 +298,35 @@ def child(argv: list[str]) -> None:
       record = run.case_model(kind, int(batch), int(iters), "float32", "auto", "none", **size,
                               count_flops=False)[0]
     print(json.dumps(record))
+
+
+def make_onnx(path: str, size: dict[str, int]) -> None:
+  """Our model (the same initialisation as our rows' host parameters) exported to ONNX."""
+  from benchmarks import steps  # pylint: disable=import-outside-toplevel
+  from spadnet_jax import models  # pylint: disable=import-outside-toplevel
+  from spadnet_jax.serving import artifacts  # pylint: disable=import-outside-toplevel
+  model = models.SPADNet(scale=8, **size)
+  with open(path, "wb") as f:
+    f.write(artifacts.onnx_model(model, {"params": steps.host_params(model)}))
+
+
+def onnxruntime_rate(path: str, batch: int, iters: int) -> dict[str, Any]:
+  """Images/s of the ONNX model in onnxruntime's CPU execution provider (its default
+  threads), the median of `iters` timed calls after a first, untimed one."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  x = np.random.default_rng(0).random((batch, 128, 128, 3), np.float32)
+  session.run(None, {"lr_up": x})
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    session.run(None, {"lr_up": x})
+    times.append(time.perf_counter() - t)
+  return {"images_per_s": batch / statistics.median(times), "first_call_s": first,
+          "peak_memory_gib": None}
 
 
 def model_flops(kind: str, batch: int, size: dict[str, int]) -> dict[str, Any]:

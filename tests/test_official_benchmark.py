@@ -114,9 +114,12 @@ def test_tables_take_the_ratio_against_the_fastest_torch_setting():
              rec("official", "compile", "inference", 1, 4.0, 0.6),
              {"side": "official", "setting": "compile_max_autotune", "case": "inference",
               "batch": 1, "failed": "timed out"},
+             rec("onnxruntime", "cpu_ep", "inference", 1, 2.5, 0.2),
              {"side": "official", "case": "cold_official", "wall_s": 3.0, "peak_memory_gib": 0.35,
               "images": 10, "stderr_lines": 0}]
   table = official.format_tables(records, "cpu")
+  # onnxruntime's 2.5 img/s against our 5 and torch.compile's 4.
+  assert "| inference | 1 | 2.50 | 0.20 | 0.50x | 0.62x |" in table
   # ours: median of 6 and 4 = 5 img/s, max memory; against torch.compile's 4: 1.25x; 5 x 24
   # GFLOP/s = 120 of the matmul's 200.
   assert "| inference | 1 | compile | 4.00 | 0.60 | 5.00 | 0.50 | 1.25x | 60% |" in table
@@ -139,6 +142,8 @@ def test_the_command_runs_both_sides_in_fresh_processes_and_writes_json(standin,
   for case, batch in (("train", 8), ("inference", 1), ("inference", 8)):
     assert ("spadnet-jax", "xla", case, batch) in ran
     assert {("official", s, case, batch) for s in ("eager", "eager_channels_last")} <= ran
+  assert {("onnxruntime", "cpu_ep", "inference", b) for b in (1, 8)} <= ran
+  assert "onnxruntime (CPU execution provider" in done.stdout
   timed = [r for r in records if r["setting"] != "flops"]
   assert all(r["peak_memory_gib"] > 0.1 and r["images_per_s"] > 0 for r in timed)
   assert all(r["gflop_per_image"] > 1 for r in records if r["setting"] == "flops")

@@ -21,7 +21,9 @@ def snippets() -> list[str]:
 def test_readme_snippets_run_from_another_directory(tmp_path):
   blocks = snippets()
   runnable = [b for b in blocks if not b.startswith(SKIP_MARK)]
-  assert len(blocks) >= 5 and len(runnable) == len(blocks) - 1, [b.splitlines()[0] for b in blocks]
+  # Two need what these tests lack here: the official weights, and an export folder with a
+  # face PNG (that one runs in tests/test_export.py).
+  assert len(blocks) >= 5 and len(runnable) == len(blocks) - 2, [b.splitlines()[0] for b in blocks]
   script = tmp_path / "readme_snippets.py"
   script.write_text("\n".join(
       ["import sys"] +
