@@ -98,6 +98,16 @@ def test_bad_inputs_are_one_line_and_create_nothing(tiny_checkpoint, tmp_path, m
   assert sorted(os.listdir(tmp_path)) == ["file", "noheat"]
 
 
+def test_a_failed_parity_check_names_the_output_and_writes_nothing(tiny_checkpoint, tmp_path,
+                                                                   monkeypatch):
+  monkeypatch.setattr(artifacts, "TOLERANCE", 0.0)       # ONNX's float round-off then fails
+  with pytest.raises(artifacts.ExportMismatch,
+                     match=r"^onnx output sr at batch 1 differs from the model by [0-9.e-]+ "
+                           r"\(shape \(1, 128, 128, 3\)\), more than 0$"):
+    export.export(tiny_checkpoint[0], str(tmp_path / "out"))
+  assert os.listdir(tmp_path) == []
+
+
 def test_predict_runs_an_export_folder_as_it_runs_the_checkpoint(tiny_checkpoint, tmp_path):
   out = tmp_path / "exported"
   export.export(tiny_checkpoint[0], str(out))
