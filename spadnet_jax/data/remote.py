@@ -51,11 +51,11 @@ def fetch(url: str, local_root: str, version_dir: str) -> bool:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
   try:
-    for rel in paths.list_files(remote):
+    fs, root = paths.filesystem(remote)
+    for rel in paths.list_files(remote):      # streamed: shards may be gigabytes
       target = os.path.join(tmp, rel)
       os.makedirs(os.path.dirname(target), exist_ok=True)
-      with open(target, "wb") as f:
-        f.write((epath.Path(remote) / rel).read_bytes())
+      fs.get_file(f"{root}/{rel}", target)
     if os.path.isdir(version_dir):
       shutil.rmtree(version_dir)
     os.replace(tmp, version_dir)
@@ -66,9 +66,7 @@ def fetch(url: str, local_root: str, version_dir: str) -> bool:
 
 def publish(url: str, local_root: str, version_dir: str) -> None:
   """Upload a locally prepared version folder to the bucket, dataset_info.json last."""
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  remote = epath.Path(_remote_version(url, local_root, version_dir))
+  fs, root = paths.filesystem(_remote_version(url, local_root, version_dir))
   names = sorted(paths.list_files(version_dir), key=lambda rel: rel == PUBLISHED)
-  for rel in names:
-    with open(os.path.join(version_dir, rel), "rb") as f:
-      (remote / rel).write_bytes(f.read())
+  for rel in names:                           # streamed, each a whole-object write
+    fs.put_file(os.path.join(version_dir, rel), f"{root}/{rel}")
