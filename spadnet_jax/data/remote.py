@@ -37,21 +37,19 @@ def _remote_version(url: str, local_root: str, version_dir: str) -> str:
 def fetch(url: str, local_root: str, version_dir: str) -> bool:
   """Download the bucket's prepared copy of `version_dir` when the local one is missing or
   differs (by dataset_info.json); returns whether the bucket holds a prepared copy."""
-  from etils import epath  # pylint: disable=import-outside-toplevel
   remote = _remote_version(url, local_root, version_dir)
-  info = epath.Path(remote) / PUBLISHED
-  if not info.exists():
+  fs, root = paths.filesystem(remote)
+  if not fs.exists(f"{root}/{PUBLISHED}"):
     return False
   local_info = os.path.join(version_dir, PUBLISHED)
   if os.path.isfile(local_info):
     with open(local_info, "rb") as f:
-      if f.read() == info.read_bytes():
+      if f.read() == fs.cat_file(f"{root}/{PUBLISHED}"):
         return True
   parent = os.path.dirname(version_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".download-", dir=parent)
   try:
-    fs, root = paths.filesystem(remote)
     for rel in paths.list_files(remote):      # streamed: shards may be gigabytes
       target = os.path.join(tmp, rel)
       os.makedirs(os.path.dirname(target), exist_ok=True)

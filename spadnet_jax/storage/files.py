@@ -8,10 +8,9 @@ one write. Readers never see half a file either way.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Iterator
 
 from spadnet_jax.storage import paths
 
@@ -46,10 +45,6 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
   """Replace the file at `path` with `text`, atomically (atomic_path)."""
   with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
     f.write(text)
-
-
-def write_json(path: str | os.PathLike[str], value: Any) -> None:
-  write_text(path, json.dumps(value, indent=2))
 
 
 class DiskFull(OSError):
