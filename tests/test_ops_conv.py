@@ -7,7 +7,7 @@ import pytest
 
 from spadnet_jax import ops
 from spadnet_jax.models import layers
-from spadnet_jax.ops import reduce
+from spadnet_jax.ops import conv, reduce
 
 
 def _data(dtype=jnp.float32, shape=(2, 5, 6, 3)):
@@ -53,3 +53,53 @@ def test_conv3x3_layer_is_flax_conv(dtype):
   g_theirs = jax.grad(loss(theirs), argnums=(0, 1))(p, x)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
       np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=10 * tol, atol=10 * tol), g_ours, g_theirs)
+
+
+@pytest.mark.parametrize("shape,cout", [((1, 64, 64, 16), 16), ((2, 7, 5, 3), 4), ((1, 6, 8, 32), 48)])
+def test_winograd_computes_the_convolution(shape, cout):
+  """F(2x2, 3x3) against XLA's convolution, odd sizes (padded to whole blocks) included:
+  float32 round-off apart (a wrong transform is off by the outputs' own size, ~1)."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1]), jnp.float32)
+  want = ops.conv3x3(x, w, impl="xla")
+  got = conv.conv3x3_winograd(x, w)
+  assert got.shape == want.shape == shape[:3] + (cout,)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+
+
+def test_winograd_gradients_are_the_direct_convolutions():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 8, 6, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 8, 6, 7)), jnp.float32)
+  ours = jax.vjp(conv.conv3x3_winograd, x, w)[1](g)
+  direct = jax.vjp(lambda x, w: ops.conv3x3(x, w, impl="xla"), x, w)[1](g)
+  for a, b in zip(ours, direct):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("size,cout,expected", [(64, 16, True), (63, 16, False), (32, 64, False),
+                                                (128, 3, False), (128, 9, True)])
+def test_winograd_formulation_runs_where_it_pays(size, cout, expected):
+  """'winograd' compiles to no convolution on a CPU exactly where ops.winograd_pays says
+  (64x64 images and up, more than 8 outputs, float32); 'xla' always to XLA's convolution."""
+  x = jnp.zeros((1, size, size, 8), jnp.float32)
+  w = jnp.zeros((3, 3, 8, cout), jnp.float32)
+  assert ops.winograd_pays(x.shape, w.shape, x.dtype) is expected
+  assert not ops.winograd_pays(x.shape, w.shape, jnp.bfloat16)
+  hlo = {impl: jax.jit(lambda x, w, impl=impl: ops.conv3x3(x, w, impl=impl)).lower(x, w).compile().as_text()
+         for impl in ("winograd", "xla")}
+  assert ("convolution(" not in hlo["winograd"]) is expected
+  assert "convolution(" in hlo["xla"]
+
+
+def test_conv3x3_layer_passes_its_formulation():
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 64, 64, 4)), jnp.float32)
+  layer = layers.Conv3x3(16, impl="winograd")
+  p = layer.init(jax.random.key(0), x)
+  hlo = jax.jit(layer.apply).lower(p, x).compile().as_text()
+  assert "convolution(" not in hlo
+  np.testing.assert_allclose(layer.apply(p, x), layers.Conv3x3(16).apply(p, x), rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown conv formulation 'fft'; registered: \\['winograd', 'xla'\\]"):
+    layers.Conv3x3(16, impl="fft").init(jax.random.key(0), x)

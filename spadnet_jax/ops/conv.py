@@ -1,11 +1,25 @@
-"""The model's plain convolution as pure functions: a 3x3 conv and a bias add whose
-gradient XLA:CPU computes fast (ops.reduce.channel_sum)."""
+"""The model's plain convolution as pure functions: a 3x3 conv, registered formulations of
+it (CONV_IMPLS), and a bias add whose gradient XLA:CPU computes fast (ops.reduce.channel_sum)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from spadnet_jax.ops.dispatch import by_platform
 from spadnet_jax.ops.reduce import channel_sum
+from spadnet_jax.ops.winograd import conv3x3_winograd_forward
+from spadnet_jax.registry import Registry
+
+ConvFormulation = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]   # (x, w) -> (N, H, W, Cout)
+CONV_IMPLS: Registry[ConvFormulation] = Registry("conv formulation")
+# Where 'winograd' takes F(2x2, 3x3) on XLA:CPU (docs/performance.md): float32 images of
+# at least this many rows and columns, more than this many output channels. Smaller
+# images ran slower than XLA's convolution (transform overhead per tile); the 3- and
+# 5-channel output heads gain nothing from 2.25x fewer multiplies.
+WINOGRAD_MIN_SIZE = 64
+WINOGRAD_MIN_FEATURES = 8
 
 
 @jax.custom_vjp
@@ -25,8 +39,62 @@ def _bias_add_bwd(b: jnp.ndarray, g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndar
 bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
 
 
-def conv3x3(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None) -> jnp.ndarray:
-  """Stride-1, zero-padded 3x3 convolution, NHWC input and HWIO weight (as a flax Conv)."""
-  y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def register_conv_formulation(name: str) -> Callable[[ConvFormulation], ConvFormulation]:
+  """Decorator: register fn(x, w) as 3x3 conv formulation `name` (model field conv_impl)."""
+  return lambda fn: CONV_IMPLS.add(name, fn)
+
+
+@register_conv_formulation("xla")
+def conv3x3_xla(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """XLA's own convolution (the reference: bitwise what lax.conv computes)."""
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def conv3x3_winograd(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """The 3x3 convolution by Winograd's F(2x2, 3x3) (ops.winograd); its gradients are the
+  direct convolution's: the convolution is linear in x and in w, so the VJP needs neither
+  the forward output nor the transformed tiles."""
+  return conv3x3_winograd_forward(x, w)
+
+
+def _winograd_fwd(x: jnp.ndarray, w: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+  return conv3x3_winograd_forward(x, w), (x, w)
+
+
+def _winograd_bwd(res: tuple[jnp.ndarray, jnp.ndarray], g: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  return jax.vjp(conv3x3_xla, *res)[1](g)
+
+
+conv3x3_winograd.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def winograd_pays(x_shape: tuple[int, ...], w_shape: tuple[int, ...], dtype: jnp.dtype) -> bool:
+  """Whether 'winograd' runs this convolution as F(2x2, 3x3) on XLA:CPU (WINOGRAD_MIN_*):
+  float32 only, since the transforms' round-off in bfloat16 would be that of 8 bits."""
+  return (jnp.dtype(dtype) == jnp.float32 and min(x_shape[1:3]) >= WINOGRAD_MIN_SIZE
+          and w_shape[-1] > WINOGRAD_MIN_FEATURES)
+
+
+@register_conv_formulation("winograd")
+def conv3x3_winograd_where_it_pays(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """Winograd's F(2x2, 3x3) forward pass on XLA:CPU where it measured faster
+  (winograd_pays), XLA's convolution elsewhere and on GPUs and TPUs (whose libraries pick
+  their own algorithms); gradients are always the direct convolution's.
+
+  Opt-in: about a tenth faster per image at steady state on a CPU, but its program is
+  larger, so compiling, loading a cached executable and peak memory all cost more; a
+  short predict call was slower with it (docs/performance.md).
+  """
+  if not winograd_pays(x.shape, w.shape, x.dtype):
+    return conv3x3_xla(x, w)
+  return by_platform(conv3x3_winograd, conv3x3_xla, x, w)
+
+
+def conv3x3(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None = None,
+            impl: str = "xla") -> jnp.ndarray:
+  """Stride-1, zero-padded 3x3 convolution, NHWC input and HWIO weight (as a flax Conv),
+  by the registered formulation `impl` (CONV_IMPLS); all compute the same function."""
+  y = CONV_IMPLS.lookup(impl)(x, w)
   return y if b is None else bias_add(y, b)
