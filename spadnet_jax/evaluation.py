@@ -241,7 +241,8 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, source: str | os.PathLik
   source = paths.resolve(source, "--checkpoint")
   model, variables, step = checkpoint.load_model(source, request.step,
                                                  shardings=sharding.replicated(mesh),
-                                                 pac_impl=cfg.model.pac_impl)
+                                                 pac_impl=cfg.model.pac_impl,
+                                                 conv_impl=cfg.model.conv_impl)
   batch_size = request.batch_size - request.batch_size % mesh.size
   if batch_size < mesh.size:
     raise ValueError(f"eval batch size must be at least the {mesh.size} devices")

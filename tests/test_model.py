@@ -114,6 +114,7 @@ def test_bf16_keeps_results():
     (dict(number=2, hab_num=2), r"SPADNet.hab_num must be in \[0, number-1=1\]"),
     (dict(pac_kernel="box"), "SPADNet.pac_kernel must be one of"),
     (dict(pac_impl="cuda"), "SPADNet.pac_impl must be one of"),
+    (dict(conv_impl="cudnn"), r"SPADNet.conv_impl must be one of \['winograd', 'xla'\], got 'cudnn'"),
     (dict(gsac_gate="pixel"), "SPADNet.gsac_gate must be"),
     (dict(remat="stage3"), "SPADNet.remat must be one of"),
 ])

@@ -29,7 +29,13 @@ def test_every_pac_formulation_keeps_parity(impl):
   assert _check("official_x8_small", pac_impl=impl).pac_impl == impl
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("impl", sorted(ops.CONV_IMPLS))
+def test_every_conv_formulation_keeps_parity(impl):
+  """The small x8 fixture's last stage runs at 64x64, where 'winograd' takes F(2x2, 3x3)
+  on a CPU (tests/test_ops_conv.py checks that it does)."""
+  assert _check("official_x8_small", conv_impl=impl).conv_impl == impl
+
+
 @pytest.mark.slow
 def test_paper_size_x8():
   model = _check("official_x8")

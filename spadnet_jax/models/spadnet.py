@@ -41,6 +41,10 @@ class SPADNet(nn.Module):
       (PAC paper's inverse-distance kernel), or one a researcher registers.
     pac_impl: a registered PAC formulation (ops.PAC_IMPLS); 'auto' (default) picks per
       platform, 'einsum' is the straightforward reference. Same outputs, other speed.
+    conv_impl: a registered formulation of the plain 3x3 convolutions (ops.CONV_IMPLS):
+      'xla' (default), XLA's own convolution; 'winograd', F(2x2, 3x3) forward passes on
+      XLA:CPU where they pay (faster steady state, slower to compile and load). Same
+      function, float32 round-off apart.
     gsac_gate: 'official' (repeat+reshape layout) or 'channel' (per-channel broadcast).
     use_lsac, use_gsac: ablate either dynamic path of every HAB.
     heatmap_branch: without it, HABs are guided by the SR features themselves and no
@@ -57,6 +61,7 @@ class SPADNet(nn.Module):
   reduction: int = 16
   pac_kernel: str = "gaussian"
   pac_impl: str = "auto"
+  conv_impl: str = "xla"
   gsac_gate: str = "official"
   use_lsac: bool = True
   use_gsac: bool = True
@@ -89,7 +94,7 @@ class SPADNet(nn.Module):
     for name in ("use_lsac", "use_gsac", "heatmap_branch"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"SPADNet.{name} must be true or false, got {getattr(self, name)!r}")
-    for name in ("pac_kernel", "pac_impl", "gsac_gate"):
+    for name in ("pac_kernel", "pac_impl", "conv_impl", "gsac_gate"):
       if not isinstance(getattr(self, name), str):
         raise ValueError(f"SPADNet.{name} must be a name, got {getattr(self, name)!r}")
     if self.scale not in SCALES:
@@ -110,6 +115,9 @@ class SPADNet(nn.Module):
     if self.pac_impl not in ops.PAC_IMPLS:
       raise ValueError(f"SPADNet.pac_impl must be one of {sorted(ops.PAC_IMPLS)}, "
                        f"got {self.pac_impl!r}")
+    if self.conv_impl not in ops.CONV_IMPLS:
+      raise ValueError(f"SPADNet.conv_impl must be one of {sorted(ops.CONV_IMPLS)}, "
+                       f"got {self.conv_impl!r}")
     if self.remat not in REMAT:
       raise ValueError(f"SPADNet.remat must be one of {REMAT}, got {self.remat!r}")
     if self.gsac_gate not in ("official", "channel"):
@@ -128,7 +136,8 @@ class SPADNet(nn.Module):
 
   @property
   def hab_options(self) -> HabOptions:
-    return HabOptions(self.pac_kernel, self.pac_impl, self.gsac_gate, self.use_lsac, self.use_gsac)
+    return HabOptions(self.pac_kernel, self.pac_impl, self.gsac_gate, self.use_lsac, self.use_gsac,
+                      self.conv_impl)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -138,23 +147,24 @@ class SPADNet(nn.Module):
     call = remat_call if self.remat in ("rcab", "all") else plain
     call_hab = remat_call if self.remat == "all" else plain
     x = x.astype(self.dtype)
-    feature = conv3x3(self.n_feats, "head", self.dtype)(ops.pixel_unshuffle(x, self.scale))
+    conv = lambda features, name: conv3x3(features, name, self.dtype, self.conv_impl)
+    feature = conv(self.n_feats, "head")(ops.pixel_unshuffle(x, self.scale))
     sr = hm = feature
     for s in range(1, self.num_stages + 1):
       for i in range(self.number):
-        sr = call(RCAB(self.reduction, self.dtype, name=f"stage{s}_sr{i}"), sr)
+        sr = call(RCAB(self.reduction, self.dtype, self.conv_impl, name=f"stage{s}_sr{i}"), sr)
         if self.heatmap_branch:
-          hm = call(RCAB(self.reduction, self.dtype, name=f"stage{s}_hm{i}"), hm)
+          hm = call(RCAB(self.reduction, self.dtype, self.conv_impl, name=f"stage{s}_hm{i}"), hm)
         if i < self.num_habs:
           guide = hm if self.heatmap_branch else sr
           sr = call_hab(HAB(self.hab_options, self.dtype, name=f"stage{s}_hab{i}"), sr, guide)
-      sr = Upsample2x(self.dtype, name=f"stage{s}_sr_up")(sr) + ops.bicubic_upsample(feature, 2**s)
+      sr = Upsample2x(self.dtype, self.conv_impl, name=f"stage{s}_sr_up")(sr) + ops.bicubic_upsample(feature, 2**s)
       if self.heatmap_branch:
-        hm = Upsample2x(self.dtype, name=f"stage{s}_hm_up")(hm)
-    sr_img = conv3x3(3, "sr_out", self.dtype)(sr).astype(jnp.float32)
+        hm = Upsample2x(self.dtype, self.conv_impl, name=f"stage{s}_hm_up")(hm)
+    sr_img = conv(3, "sr_out")(sr).astype(jnp.float32)
     if not self.heatmap_branch:
       return sr_img, None
-    return sr_img, conv3x3(NUM_HEATMAPS, "hm_out", self.dtype)(hm).astype(jnp.float32)
+    return sr_img, conv(NUM_HEATMAPS, "hm_out")(hm).astype(jnp.float32)
 
 
 def count_params(params: Any) -> int:
