@@ -5,7 +5,7 @@
 
 Each case runs in its own process so its peak memory is its own: max RSS on CPU (as for
 the PyTorch reference in SPEC.md), the allocator's peak on an accelerator. FLOPs are model
-FLOPs (XLA's count for the unrolled 'shifted' PAC, no rematerialisation); MFU is achieved
+FLOPs (XLA's count for the unrolled 'shifted' PAC and XLA's convolution, no rematerialisation); MFU is achieved
 FLOP/s over the device's dense peak for the dtype (PEAK_TFLOPS, or --peak_tflops).
 The plain conv layer's FLOP rate (in the 'pac' case) is the ceiling the model's
 convolutions work under. Prints one table; --json writes the records.
@@ -79,7 +79,7 @@ def median_seconds(fn: Callable[..., Any], args: list[Any], iters: int,
 
 def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
                remat: str, number: int = 6, hab_num: int | None = None,
-               count_flops: bool = True) -> list[dict]:
+               count_flops: bool = True, conv_impl: str = "xla") -> list[dict]:
   """SPADNet x8 (paper size unless `number`/`hab_num` say fewer blocks): the trainer's
   train step or a forward pass. count_flops=False leaves out XLA's FLOP count, whose
   lowering of a second (unrolled) model would count in this process's peak memory."""
@@ -89,7 +89,8 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
   from benchmarks import steps
   from spadnet_jax import models, process_setup
   size = {"scale": 8, "number": number, "hab_num": hab_num}
-  model = models.SPADNet(**size, pac_impl=pac_impl, remat=remat, dtype=jnp.dtype(dtype))
+  model = models.SPADNet(**size, pac_impl=pac_impl, conv_impl=conv_impl, remat=remat,
+                         dtype=jnp.dtype(dtype))
   fn = steps.step_fn(model, kind)
   args = steps.step_args(model, kind, batch)
   specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
@@ -100,9 +101,11 @@ def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
   process_setup.release_host_memory()     # as train.py does after compiling
   sec = median_seconds(compiled, args, iters, thread_state=kind == "train")
   peak_gib = _peak_device_memory_gib()
-  counted = models.SPADNet(**size, pac_impl="shifted", remat="none", dtype=jnp.dtype(dtype))
+  counted = models.SPADNet(**size, pac_impl="shifted", conv_impl="xla", remat="none",
+                           dtype=jnp.dtype(dtype))
   flops = xla_flops(steps.step_fn(counted, kind), specs) if count_flops else float("nan")
-  return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl, "remat": remat,
+  return [{"name": kind, "batch": batch, "dtype": dtype, "pac_impl": pac_impl,
+           "conv_impl": conv_impl, "remat": remat,
            "s_per_step": sec, "images_per_s": batch / sec, "compile_s": compile_s,
            "gflop_per_image": flops / batch / 1e9, "achieved_tflop_s": flops / sec / 1e12,
            "peak_memory_gib": peak_gib}]
@@ -123,7 +126,7 @@ def case_pac(iters: int, dtype: str, batch: int) -> list[dict]:
 
   def conv(x, h, w, b):   # the model's conv layer; b's gradient is not taken, as for the PACs
     del h
-    return ops.conv3x3(x, w, b)
+    return ops.conv3x3(x, w, b, impl="xla")
 
   def pac(impl):
     return lambda x, h, w, b: ops.pac_conv(x, ops.gaussian_kernel(h).astype(dt), w, b, impl=impl)
@@ -224,6 +227,7 @@ def main() -> None:
   p.add_argument("--json", default=None, help="also write the records to this file")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--pac_impl", default="auto")
+  p.add_argument("--conv_impl", default="xla", help="SPADNet.conv_impl (ops.CONV_IMPLS)")
   p.add_argument("--remat", default="none", help="SPADNet.remat for the train case")
   p.add_argument("--batches", type=int, nargs="+", default=None,
                  help="default: 8 for train, 1 and 8 for inference")
@@ -233,9 +237,9 @@ def main() -> None:
   p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child is not None:
-    kind, batch, iters, dtype, impl, remat = args.child
+    kind, batch, iters, dtype, impl, remat, conv_impl = args.child
     recs = (case_pac(int(iters), dtype, int(batch)) if kind == "pac" else
-            case_model(kind, int(batch), int(iters), dtype, impl, remat))
+            case_model(kind, int(batch), int(iters), dtype, impl, remat, conv_impl=conv_impl))
     print(json.dumps(recs))
     return
   import jax  # only for the device name
@@ -246,11 +250,12 @@ def main() -> None:
   records = []
   for case in args.cases:
     if case == "pac":
-      records += run_case(["pac", str(args.pac_batch), str(iters), args.dtype, "-", "-"])
+      records += run_case(["pac", str(args.pac_batch), str(iters), args.dtype, "-", "-", "-"])
       continue
     for b in args.batches or ([8] if case == "train" else [1, 8]):
       remat = args.remat if case == "train" else "none"
-      records += run_case([case, str(b), str(iters), args.dtype, args.pac_impl, remat])
+      records += run_case([case, str(b), str(iters), args.dtype, args.pac_impl, remat,
+                           args.conv_impl])
       print(json.dumps(records[-1]), flush=True)
   for r in records:
     r["device"] = device
