@@ -1,7 +1,8 @@
 """spadnet-jax beside the official PyTorch SPADNet, in one command.
 
     python -m benchmarks.official --official DIR [--device cpu|cuda] [--rounds 2]
-                                  [--settings eager compile ...] [--json FILE] [--tiny]
+                                  [--settings eager compile ...] [--ours xla winograd]
+                                  [--json FILE] [--tiny]
 
 DIR is a checkout of https://github.com/wcy-cs/SPADNet that you fetched (nothing of it is
 part of this project; benchmarks/official_torch.py lists the two run-time shims torch 2
@@ -12,8 +13,10 @@ fresh process of its own, the official and our cases alternating, round after ro
   inference at batch 1 and 8 (and 64 with --device cuda), float32 on both sides. PyTorch
   gets its best: each case runs under every torch setting asked for (eager, channels_last,
   torch.compile default and max-autotune; inference always under torch.inference_mode), and
-  our ratio is taken against the fastest. Our rows also give the model's FLOP rate (XLA's
-  count) as a fraction of a large float32 matmul's rate measured in the same run.
+  our ratio is taken against the fastest. Ours runs with each of our convolution
+  formulations asked for (--ours: 'xla', the default, and 'winograd'; a row each). Our rows
+  also give the model's FLOP rate (XLA's count) as a fraction of a large float32 matmul's
+  rate measured in the same run.
 - onnxruntime (CPU execution provider) running our model exported to ONNX
   (spadnet_jax.export's converter) at inference batch 1 and 8, with --device cpu and the
   export extra installed: a third way to deploy, beside the other two.
@@ -46,8 +49,11 @@ from typing import Any
 from benchmarks import official_torch
 
 PAPER = {"number": 6, "hab_num": 5}
-TINY = {"number": 2, "hab_num": 1}
-ONNX_ENV = "SPADNET_BENCH_ONNX"       # where run_all's ONNX export lies, for the timing child    # the fixtures' small size: the harness end to end, fast
+TINY = {"number": 2, "hab_num": 1}    # the fixtures' small size: the harness end to end, fast
+ONNX_ENV = "SPADNET_BENCH_ONNX"       # where run_all's ONNX export lies, for the timing child
+# Our settings: the registered conv formulations (ops.CONV_IMPLS), named here so that
+# --help imports no JAX (tests/test_official_benchmark.py checks that they agree).
+OUR_SETTINGS = ("winograd", "xla")
 
 
 @dataclasses.dataclass
@@ -165,7 +171,7 @@ def run_all(a: argparse.Namespace) -> list[dict[str, Any]]:
         jobs += [("spadnet-jax", "flops", kind, batch) for kind, batch in cases(a.device) if kind in a.cases]
       for kind, batch in cases(a.device):
         if kind in a.cases:
-          ours = [("spadnet-jax", "xla", kind, batch)]
+          ours = [("spadnet-jax", conv_impl, kind, batch) for conv_impl in a.ours]
           if with_onnx and kind == "inference":
             ours.append(("onnxruntime", "cpu_ep", kind, batch))
           theirs = [("official", s, kind, batch) for s in a.settings]
@@ -211,7 +217,7 @@ def format_tables(records: list[dict[str, Any]], device: str) -> str:
            "| case | batch | official, best setting | img/s | peak GiB | spadnet-jax img/s | "
            "peak GiB | speed-up | of matmul rate |", "|---|---|---|---|---|---|---|---|---|"]
   for (side, setting, kind, batch), ours in sorted(s.items()):
-    if side != "spadnet-jax" or setting != "xla" or kind == "matmul" or "failed" in ours:
+    if side != "spadnet-jax" or setting == "flops" or kind == "matmul" or "failed" in ours:
       continue
     theirs = {k[1]: v for k, v in s.items() if k[0] == "official" and k[2:] == (kind, batch) and "failed" not in v}
     best = max(theirs, key=lambda k: theirs[k]["images_per_s"]) if theirs else None
@@ -220,7 +226,8 @@ def format_tables(records: list[dict[str, Any]], device: str) -> str:
     rate = ours["images_per_s"] * gflop
     fraction = f"{rate / matmul:.0%}" if matmul else "-"
     ratio = f"{ours['images_per_s'] / t['images_per_s']:.2f}x" if t else "-"
-    lines.append(f"| {kind} | {batch} | {best or 'none finished'} | {t.get('images_per_s', float('nan')):.2f} | "
+    label = kind if setting == "xla" else f"{kind} ({setting})"
+    lines.append(f"| {label} | {batch} | {best or 'none finished'} | {t.get('images_per_s', float('nan')):.2f} | "
                  f"{t.get('peak_memory_gib', float('nan')):.2f} | {ours['images_per_s']:.2f} | "
                  f"{ours['peak_memory_gib']:.2f} | {ratio} | {fraction} |")
   if matmul:
@@ -296,7 +303,7 @@ def child(argv: list[str]) -> None:
     else:
       from benchmarks import run  # pylint: disable=import-outside-toplevel
       record = run.case_model(kind, int(batch), int(iters), "float32", "auto", "none", **size,
-                              count_flops=False)[0]
+                              count_flops=False, conv_impl=setting)[0]
     print(json.dumps(record))
 
 
@@ -374,6 +381,8 @@ def main() -> None:
   p.add_argument("--iters", type=int, default=5, help="timed steps per measurement")
   p.add_argument("--settings", nargs="+", default=list(official_torch.SETTINGS),
                  choices=list(official_torch.SETTINGS), help="torch settings tried")
+  p.add_argument("--ours", nargs="+", default=["xla"], choices=OUR_SETTINGS,
+                 help="our 3x3 conv formulations timed (SPADNet.conv_impl)")
   p.add_argument("--cases", nargs="+", default=["train", "inference", "cold_start"],
                  choices=["train", "inference", "cold_start"])
   p.add_argument("--faces", type=int, default=10, help="faces in the cold-start call")

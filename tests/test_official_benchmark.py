@@ -110,6 +110,7 @@ def test_tables_take_the_ratio_against_the_fastest_torch_setting():
               "gflop_per_image": 24.0},
              rec("spadnet-jax", "xla", "inference", 1, 6.0, 0.4),
              rec("spadnet-jax", "xla", "inference", 1, 4.0, 0.5),
+             rec("spadnet-jax", "winograd", "inference", 1, 6.4, 0.55),
              rec("official", "eager", "inference", 1, 2.0, 0.3),
              rec("official", "compile", "inference", 1, 4.0, 0.6),
              {"side": "official", "setting": "compile_max_autotune", "case": "inference",
@@ -124,7 +125,16 @@ def test_tables_take_the_ratio_against_the_fastest_torch_setting():
   # GFLOP/s = 120 of the matmul's 200.
   assert "| inference | 1 | compile | 4.00 | 0.60 | 5.00 | 0.50 | 1.25x | 60% |" in table
   assert "| inference | 1 | compile_max_autotune | failed: timed out | | |" in table
+  # each of our settings is a row of its own against the same torch best: 6.4 / 4 = 1.60x,
+  # 6.4 x 24 GFLOP/s = 154 of 200.
+  assert "| inference (winograd) | 1 | compile | 4.00 | 0.60 | 6.40 | 0.55 | 1.60x | 77% |" in table
+
   assert "| official-style script (test.py's path) | 3.00 | 0.35 | 0 | 10 |" in table
+
+
+def test_our_settings_are_the_registered_conv_formulations():
+  from spadnet_jax import ops
+  assert official.OUR_SETTINGS == tuple(sorted(ops.CONV_IMPLS))
 
 
 @pytest.mark.slow
@@ -133,14 +143,14 @@ def test_the_command_runs_both_sides_in_fresh_processes_and_writes_json(standin,
   done = subprocess.run(
       [sys.executable, "-m", "benchmarks.official", "--official", str(standin), "--tiny",
        "--rounds", "1", "--iters", "1", "--settings", "eager", "eager_channels_last",
-       "--cases", "train", "inference", "--json", str(out)],
+       "--ours", "xla", "winograd", "--cases", "train", "inference", "--json", str(out)],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 0, done.stderr[-3000:]
   records = json.loads(out.read_text())["records"]
   ran = {(r["side"], r["setting"], r["case"], r["batch"]) for r in records if "failed" not in r}
   for case, batch in (("train", 8), ("inference", 1), ("inference", 8)):
-    assert ("spadnet-jax", "xla", case, batch) in ran
+    assert {("spadnet-jax", conv, case, batch) for conv in ("xla", "winograd")} <= ran
     assert {("official", s, case, batch) for s in ("eager", "eager_channels_last")} <= ran
   assert {("onnxruntime", "cpu_ep", "inference", b) for b in (1, 8)} <= ran
   assert "onnxruntime (CPU execution provider" in done.stdout
