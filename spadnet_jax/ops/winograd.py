@@ -27,16 +27,13 @@ _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 TILE, OUT = 4, 2   # input tile and output block edge
 
 
-def _combine(terms: list[jnp.ndarray], coeffs: np.ndarray) -> jnp.ndarray:
-  """sum_i coeffs[i] * terms[i], skipping zeros and multiplying only where |c| != 1 (the
-  transforms' rows are sparse, mostly +-1: XLA fuses the whole sum into one pass)."""
-  out = None
-  for c, t in zip(coeffs, terms):
-    if c == 0:
-      continue
-    t = t if c == 1 else -t if c == -1 else t * c
-    out = t if out is None else out + t
-  return out
+def _apply(m: np.ndarray, a: jnp.ndarray, axis: int) -> jnp.ndarray:
+  """out[i] = sum_k m[i, k] a[k] along `axis`, as one broadcast product and sum: XLA fuses
+  each into a single pass over `a` (written as separate sums per output it emitted a kernel
+  for each of the 16 and then copied them together; docs/performance.md)."""
+  a = jnp.moveaxis(a, axis, 0)
+  mm = jnp.asarray(m, a.dtype).reshape(m.shape + (1,) * (a.ndim - 1))
+  return jnp.moveaxis(jnp.sum(mm * a[None], axis=1), 0, axis)
 
 
 def transform_weights(w: jnp.ndarray) -> jnp.ndarray:
@@ -51,14 +48,12 @@ def conv3x3_winograd_forward(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   n, h, wd, _ = x.shape
   th, tw = -(-h // OUT), -(-wd // OUT)   # output blocks per column and row
   xp = jnp.pad(x, ((0, 0), (1, 1 + OUT * th - h), (1, 1 + OUT * tw - wd), (0, 0)))
-  # d[i][j] (N, th, tw, Cin): the input tiles' element (i, j), as strided slices (no gather).
-  d = [[xp[:, i:i + OUT * th:OUT, j:j + OUT * tw:OUT] for j in range(TILE)] for i in range(TILE)]
-  bd = [[_combine([d[k][j] for k in range(TILE)], _BT[i]) for j in range(TILE)] for i in range(TILE)]
-  v = jnp.stack([_combine([bd[i][k] for k in range(TILE)], _BT[j])
-                 for i in range(TILE) for j in range(TILE)])                 # (16, N, th, tw, Cin)
-  m = jnp.einsum("pntsc,pco->pntso", v, transform_weights(w))               # (16, N, th, tw, Cout)
-  m = [[m[i * TILE + j] for j in range(TILE)] for i in range(TILE)]
-  am = [[_combine([m[k][j] for k in range(TILE)], _AT[i]) for j in range(TILE)] for i in range(OUT)]
-  y = jnp.stack([jnp.stack([_combine([am[i][k] for k in range(TILE)], _AT[j]) for j in range(OUT)], 3)
-                 for i in range(OUT)], 2)                                    # (N, th, 2, tw, 2, Cout)
-  return y.reshape(n, OUT * th, OUT * tw, -1)[:, :h, :wd]
+  # The tiles' rows i (strided slices, no gather), B^T along them, then their columns j.
+  rows = jnp.stack([xp[:, i:i + OUT * th:OUT] for i in range(TILE)])        # (4, N, th, W+2, Cin)
+  rows = _apply(_BT, rows, 0)
+  tiles = jnp.stack([rows[:, :, :, j:j + OUT * tw:OUT] for j in range(TILE)], 1)  # (4, 4, N, th, tw, Cin)
+  v = _apply(_BT, tiles, 1).reshape(TILE * TILE, -1, x.shape[-1])
+  m = jnp.einsum("ptc,pco->pto", v, transform_weights(w))                   # 16 products over Cin
+  m = m.reshape(TILE, TILE, n, th, tw, -1)
+  y = _apply(_AT, _apply(_AT, m, 0), 1)                                      # (2, 2, N, th, tw, Cout)
+  return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, OUT * th, OUT * tw, -1)[:, :h, :wd]
