@@ -83,7 +83,7 @@ def conv3x3_winograd_where_it_pays(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarra
   (winograd_pays), XLA's convolution elsewhere and on GPUs and TPUs (whose libraries pick
   their own algorithms); gradients are always the direct convolution's.
 
-  Opt-in: about a tenth faster per image at steady state on a CPU, but its program is
+  Opt-in: about a fifth faster per image at steady state on a CPU, but its program is
   larger, so compiling, loading a cached executable and peak memory all cost more; a
   short predict call was slower with it (docs/performance.md).
   """
