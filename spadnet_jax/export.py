@@ -58,6 +58,9 @@ def export(checkpoint_path: str, output: str, overwrite: bool = False) -> dict:
   config, _ = checkpoint.read_model_config(source)
   artifacts.check_exportable(config)
   model, variables, step = checkpoint.load_model(source)
+  # The artifacts run in other processes, whose XLA flags may leave the YNN fusions on that
+  # make Winograd's transforms slow (ops.conv): they carry XLA's own convolution.
+  model = model.clone(conv_impl="xla")
   import jax  # pylint: disable=import-outside-toplevel  # after the checks: --help needs no JAX
   variables = jax.device_get(variables)
   start = time.perf_counter()

@@ -18,7 +18,7 @@ from tests.conftest import REPO, fixture_path
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-  model = models.SPADNet(scale=8, n_feats=8, number=1, reduction=2)
+  model = models.SPADNet(scale=8, n_feats=8, number=1, reduction=2, conv_impl="winograd")
   variables = jax.device_get(model.init(jax.random.key(0), model.example_input()))
   path = str(tmp_path_factory.mktemp("ck") / "ck")
   checkpoint.save_inference_checkpoint(path, model, variables, step=7)
@@ -35,6 +35,7 @@ def test_export_writes_a_folder_both_of_whose_artifacts_reproduce_the_model(tiny
   assert [p for p in os.listdir(tmp_path) if p != "exported"] == []     # no temporary left
   assert json.loads((out / "export.json").read_text()) == manifest
   assert manifest["step"] == 7 and manifest["scale"] == 8 and manifest["model"]["n_feats"] == 8
+  assert manifest["model"]["conv_impl"] == "xla"     # portable: not the checkpoint's Winograd
   assert manifest["input"]["name"] == "lr_up" and manifest["input"]["shape"] == ["N", 128, 128, 3]
   assert [o["name"] for o in manifest["outputs"]] == ["sr", "heatmap"]
   assert manifest["onnx_opset"] == 23 and manifest["jaxexport_platforms"] == ["cpu", "cuda", "tpu"]

@@ -1,11 +1,13 @@
 """ops.conv (the model's 3x3 conv and bias add) and the Conv3x3 layer against flax's nn.Conv."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spadnet_jax import ops
+from spadnet_jax import ops, process_setup
 from spadnet_jax.models import layers
 from spadnet_jax.ops import conv, reduce
 
@@ -79,13 +81,15 @@ def test_winograd_gradients_are_the_direct_convolutions():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("size,cout,expected", [(64, 16, True), (63, 16, False), (32, 64, False),
-                                                (128, 3, False), (128, 9, True)])
-def test_winograd_formulation_runs_where_it_pays(size, cout, expected):
+@pytest.mark.parametrize("size,cin,cout,expected", [
+    (64, 16, 16, True), (63, 16, 16, False), (32, 64, 64, False), (128, 8, 3, False),
+    (128, 9, 9, True), (64, 32, 16, True), (64, 16, 64, False)])
+def test_winograd_formulation_runs_where_it_pays(size, cin, cout, expected):
   """'winograd' compiles to no convolution on a CPU exactly where ops.winograd_pays says
-  (64x64 images and up, more than 8 outputs, float32); 'xla' always to XLA's convolution."""
-  x = jnp.zeros((1, size, size, 8), jnp.float32)
-  w = jnp.zeros((3, 3, 8, cout), jnp.float32)
+  (64x64 images and up, more than 8 outputs and no more than the inputs, float32); 'xla'
+  always to XLA's convolution."""
+  x = jnp.zeros((1, size, size, cin), jnp.float32)
+  w = jnp.zeros((3, 3, cin, cout), jnp.float32)
   assert ops.winograd_pays(x.shape, w.shape, x.dtype) is expected
   assert not ops.winograd_pays(x.shape, w.shape, jnp.bfloat16)
   hlo = {impl: jax.jit(lambda x, w, impl=impl: ops.conv3x3(x, w, impl=impl)).lower(x, w).compile().as_text()
@@ -94,8 +98,45 @@ def test_winograd_formulation_runs_where_it_pays(size, cout, expected):
   assert "convolution(" in hlo["xla"]
 
 
+@pytest.mark.parametrize("flags,off", [
+    ("--xla_cpu_experimental_ynn_fusion_type=", True), ("", False), ("--foo=1", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_experimental_ynn_fusion_type=", True),
+    ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_ynn_fusion_type=-dot", False)])
+def test_ynn_fusions_off_reads_the_last_flag(flags, off):
+  assert conv.ynn_fusions_off({"XLA_FLAGS": flags}) is off
+  assert conv.ynn_fusions_off({}) is False
+  assert conv.YNN_FUSION_FLAG + "=" in process_setup.CPU_FLAGS   # what our programs set
+
+
+def test_winograd_leaves_processes_with_ynn_fusions_to_xlas_convolution(monkeypatch):
+  """Where XLA's YNN fusions are on (a user's own process), they make the transforms slow:
+  'winograd' compiles to XLA's convolution there, and to none under our programs' flags."""
+  x, w = jnp.zeros((1, 64, 64, 16), jnp.float32), jnp.zeros((3, 3, 16, 16), jnp.float32)
+
+  def hlo():
+    return jax.jit(lambda x, w: ops.conv3x3(x, w, impl="winograd")).lower(x, w).compile().as_text()
+  assert "convolution(" not in hlo()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+  assert "convolution(" in hlo()
+
+
+def test_winograd_exports_with_a_symbolic_batch_without_gathers():
+  """jax.export (predict's program cache, the export artifact) gives the batch a symbolic
+  size: the strided slices of the input transform stay slices there (indexing lowered them
+  to gathers, a tenth of the model's time), and the exported program computes what jit does."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 65, 64, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.1, jnp.float32)
+  (batch,) = jax.export.symbolic_shape("batch")
+  exported = jax.export.export(jax.jit(conv.conv3x3_winograd))(
+      jax.ShapeDtypeStruct((batch, 65, 64, 16), jnp.float32), jax.ShapeDtypeStruct(w.shape, w.dtype))
+  assert not re.search(r"stablehlo\.(dynamic_)?gather", exported.mlir_module())
+  np.testing.assert_allclose(exported.call(x, w), conv.conv3x3_winograd(x, w), rtol=0, atol=1e-6)
+
+
 def test_conv3x3_layer_passes_its_formulation():
-  x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 64, 64, 4)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(1, 64, 64, 16)), jnp.float32)
   layer = layers.Conv3x3(16, impl="winograd")
   p = layer.init(jax.random.key(0), x)
   hlo = jax.jit(layer.apply).lower(p, x).compile().as_text()

@@ -2,7 +2,8 @@
 it (CONV_IMPLS), and a bias add whose gradient XLA:CPU computes fast (ops.reduce.channel_sum)."""
 from __future__ import annotations
 
-from typing import Callable
+import os
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,16 @@ CONV_IMPLS: Registry[ConvFormulation] = Registry("conv formulation")
 # Where 'winograd' takes F(2x2, 3x3) on XLA:CPU (docs/performance.md): float32 images of
 # at least this many rows and columns, more than this many output channels. Smaller
 # images ran slower than XLA's convolution (transform overhead per tile); the 3- and
-# 5-channel output heads gain nothing from 2.25x fewer multiplies.
+# 5-channel output heads gain nothing from 2.25x fewer multiplies. Nor where a conv has
+# more outputs than inputs (the upsamplers' 64 -> 256): its transformed outputs, 4x the
+# output, would set the program's peak (317 against 214 MiB of temporaries at batch 8)
+# for 2% of the time.
 WINOGRAD_MIN_SIZE = 64
 WINOGRAD_MIN_FEATURES = 8
+# The XLA:CPU flag that turns its YNN fusions off (process_setup.CPU_FLAGS sets it in our
+# programs). With them on, XLA rewrites the Winograd transforms into dots of 4 that YNNPACK
+# runs 13x slower than the whole direct conv (27 against 2 ms at 64x64x64).
+YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
 @jax.custom_vjp
@@ -70,24 +78,33 @@ def _winograd_bwd(res: tuple[jnp.ndarray, jnp.ndarray], g: jnp.ndarray) -> tuple
 conv3x3_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
+def ynn_fusions_off(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether XLA_FLAGS turns XLA:CPU's YNN fusions off (its last YNN_FUSION_FLAG empty)."""
+  values = [f.partition("=")[2] for f in environ.get("XLA_FLAGS", "").split()
+            if f.partition("=")[0] == YNN_FUSION_FLAG]
+  return bool(values) and not values[-1]
+
+
 def winograd_pays(x_shape: tuple[int, ...], w_shape: tuple[int, ...], dtype: jnp.dtype) -> bool:
-  """Whether 'winograd' runs this convolution as F(2x2, 3x3) on XLA:CPU (WINOGRAD_MIN_*):
-  float32 only, since the transforms' round-off in bfloat16 would be that of 8 bits."""
+  """Whether 'winograd' runs this convolution as F(2x2, 3x3) on XLA:CPU (WINOGRAD_MIN_*,
+  no more outputs than inputs): float32 only, since the transforms' round-off in bfloat16
+  would be that of 8 bits."""
   return (jnp.dtype(dtype) == jnp.float32 and min(x_shape[1:3]) >= WINOGRAD_MIN_SIZE
-          and w_shape[-1] > WINOGRAD_MIN_FEATURES)
+          and WINOGRAD_MIN_FEATURES < w_shape[-1] <= w_shape[-2])
 
 
 @register_conv_formulation("winograd")
 def conv3x3_winograd_where_it_pays(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """Winograd's F(2x2, 3x3) forward pass on XLA:CPU where it measured faster
-  (winograd_pays), XLA's convolution elsewhere and on GPUs and TPUs (whose libraries pick
-  their own algorithms); gradients are always the direct convolution's.
+  (winograd_pays) and the process runs with XLA's YNN fusions off (ynn_fusions_off: our
+  programs, the tests), XLA's convolution elsewhere and on GPUs and TPUs (whose libraries
+  pick their own algorithms); gradients are always the direct convolution's.
 
   Opt-in: about a fifth faster per image at steady state on a CPU, but its program is
   larger, so compiling, loading a cached executable and peak memory all cost more; a
   short predict call was slower with it (docs/performance.md).
   """
-  if not winograd_pays(x.shape, w.shape, x.dtype):
+  if not (winograd_pays(x.shape, w.shape, x.dtype) and ynn_fusions_off()):
     return conv3x3_xla(x, w)
   return by_platform(conv3x3_winograd, conv3x3_xla, x, w)
 
