@@ -79,7 +79,7 @@ def median_seconds(fn: Callable[..., Any], args: list[Any], iters: int,
 
 def case_model(kind: str, batch: int, iters: int, dtype: str, pac_impl: str,
                remat: str, number: int = 6, hab_num: int | None = None,
-               count_flops: bool = True, conv_impl: str = "xla") -> list[dict]:
+               count_flops: bool = True, conv_impl: str = "winograd") -> list[dict]:
   """SPADNet x8 (paper size unless `number`/`hab_num` say fewer blocks): the trainer's
   train step or a forward pass. count_flops=False leaves out XLA's FLOP count, whose
   lowering of a second (unrolled) model would count in this process's peak memory."""
@@ -227,7 +227,8 @@ def main() -> None:
   p.add_argument("--json", default=None, help="also write the records to this file")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--pac_impl", default="auto")
-  p.add_argument("--conv_impl", default="xla", help="SPADNet.conv_impl (ops.CONV_IMPLS)")
+  p.add_argument("--conv_impl", default="winograd", help="SPADNet.conv_impl (ops.CONV_IMPLS; "
+                 "default: the model's)")
   p.add_argument("--remat", default="none", help="SPADNet.remat for the train case")
   p.add_argument("--batches", type=int, nargs="+", default=None,
                  help="default: 8 for train, 1 and 8 for inference")

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.reduction = 4             # channel-attention reduction (the paper: 16)
   c.model.pac_kernel = "gaussian"   # registered LSAC kernel (ops.KERNELS): gaussian, inverse
   c.model.pac_impl = "auto"         # registered PAC formulation (ops.PAC_IMPLS); same outputs
-  c.model.conv_impl = "xla"         # 3x3 conv formulation (ops.CONV_IMPLS): xla or winograd
+  c.model.conv_impl = "winograd"    # 3x3 conv formulation (ops.CONV_IMPLS): winograd or xla
   c.model.gsac_gate = "official"    # GSAC gate layout: official (repeat+reshape) or channel
   c.model.use_lsac = True           # the local (pixel-adaptive) path of every HAB
   c.model.use_gsac = True           # the global gate path of every HAB

@@ -42,9 +42,9 @@ class SPADNet(nn.Module):
     pac_impl: a registered PAC formulation (ops.PAC_IMPLS); 'auto' (default) picks per
       platform, 'einsum' is the straightforward reference. Same outputs, other speed.
     conv_impl: a registered formulation of the plain 3x3 convolutions (ops.CONV_IMPLS):
-      'xla' (default), XLA's own convolution; 'winograd', F(2x2, 3x3) forward passes on
-      XLA:CPU where they pay (faster steady state, slower to compile and load). Same
-      function, float32 round-off apart.
+      'winograd' (default), F(2x2, 3x3) forward passes on XLA:CPU where they pay and XLA's
+      convolution elsewhere (ops.conv); 'xla', XLA's convolution everywhere (smaller
+      program: a little faster to compile). Same function, float32 round-off apart.
     gsac_gate: 'official' (repeat+reshape layout) or 'channel' (per-channel broadcast).
     use_lsac, use_gsac: ablate either dynamic path of every HAB.
     heatmap_branch: without it, HABs are guided by the SR features themselves and no
@@ -61,7 +61,7 @@ class SPADNet(nn.Module):
   reduction: int = 16
   pac_kernel: str = "gaussian"
   pac_impl: str = "auto"
-  conv_impl: str = "xla"
+  conv_impl: str = "winograd"
   gsac_gate: str = "official"
   use_lsac: bool = True
   use_gsac: bool = True
