@@ -347,7 +347,7 @@ def model_flops(kind: str, batch: int, size: dict[str, int]) -> dict[str, Any]:
   model = models.SPADNet(scale=8, **size, pac_impl="shifted", conv_impl="xla")
   specs = [jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), arg)
            for arg in steps.step_args(model, kind, batch)]
-  return {"gflop_per_image": run.xla_flops(steps.step_fn(model, kind), specs) / batch / 1e9}
+  return {"gflop_per_image": run.xla_flops(steps.step_fn(model, kind, for_counting=True), specs) / batch / 1e9}
 
 
 def matmul_rate(iters: int, n: int = 4096) -> dict[str, Any]:

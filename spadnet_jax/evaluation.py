@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from spadnet_jax import checkpoint, metrics, models, sharding, visualize
 from spadnet_jax.data import pipeline
-from spadnet_jax.models import SPADNet
+from spadnet_jax.models import SPADNet, batching
 from spadnet_jax.storage import files, paths
 
 PER_IMAGE_KEYS = ("psnr_y", "ssim_y", "psnr_rgb", "nme", "bicubic_psnr_y", "bicubic_ssim_y",
@@ -37,12 +37,14 @@ class Scoring:
   score: str = "float"
 
 
-def make_eval_step(model: SPADNet, scoring: Scoring = Scoring()) -> Callable:
-  """(variables, batch) -> (per-image metrics, sr, heatmap) for one padded batch."""
+def make_eval_step(model: SPADNet, scoring: Scoring = Scoring(), shards: int = 1) -> Callable:
+  """(variables, batch) -> (per-image metrics, sr, heatmap) for one padded batch, whose
+  images a CPU runs one per shard (of `shards`) at a time (models.batching)."""
+  apply = batching.image_by_image(model.apply, shards)
 
   def step(variables: Any, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array,
                                                                  jax.Array | None]:
-    sr, hm = model.apply(variables, batch["lr_up"])
+    sr, hm = apply(variables, batch["lr_up"])
     out = metrics.image_metrics(sr, batch["hr"], scoring.crop, scoring.score)
     bic = metrics.image_metrics(batch["lr_up"], batch["hr"], scoring.crop, scoring.score)
     out.update({f"bicubic_{k}": v for k, v in bic.items()})
@@ -59,7 +61,7 @@ def jit_eval_step(model: SPADNet, mesh: jax.sharding.Mesh, scoring: Scoring = Sc
   stored as `variables_sharding` (replicated by default) and placed for the model as the
   train step places them (sharding.gathered_params), the outputs replicated."""
   rep = sharding.replicated(mesh)
-  step = make_eval_step(model, scoring)
+  step = make_eval_step(model, scoring, shards=mesh.size)     # the batch spans the mesh
   gathered = sharding.gathered_params(mesh)
   if gathered is not None:
     step = lambda variables, batch, inner=step: inner(
