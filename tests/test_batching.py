@@ -32,10 +32,11 @@ def test_image_by_image_computes_the_batch_in_its_order(tiny, shards):
 
 def test_a_cpu_loops_and_other_platforms_take_the_batch_whole(tiny):
   model, variables, x = tiny
-  loops = lambda shards: "while" in jax.jit(batching.image_by_image(model.apply, shards)).lower(
+  loops = lambda shards, x=x: "while" in jax.jit(batching.image_by_image(model.apply, shards)).lower(
       variables, x).compile().as_text()
   assert loops(1) and loops(2)
   assert not loops(3)          # 4 images do not divide into 3 shards: the batch runs whole
+  assert not loops(4) and not loops(1, x[:1])     # one step: no loop
   with dispatch.traced_for("gpu"):
     jaxpr = jax.make_jaxpr(batching.image_by_image(model.apply))(variables, x)
   assert "scan" not in str(jaxpr)

@@ -28,7 +28,7 @@ def image_by_image(apply: Apply, shards: int = 1) -> Apply:
     apply: (variables, images (N, ...)) -> a pytree of arrays with a leading batch axis N.
     shards: how many ways the batch axis is split across devices (a mesh's size where the
       batch is split over the whole mesh): each step takes image i of every shard. A batch
-      that does not divide into them runs whole.
+      that does not divide into them, or holds one image per shard, runs whole.
   """
 
   def looped(variables: Any, x: jax.Array) -> Out:
@@ -39,8 +39,9 @@ def image_by_image(apply: Apply, shards: int = 1) -> Apply:
     return jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1).reshape(n, *a.shape[2:]), out)
 
   def run(variables: Any, x: jax.Array) -> Out:
-    if shards > 1 and x.shape[0] % shards:
-      return apply(variables, x)
+    n = x.shape[0]     # an int, or jax.export's symbolic batch size
+    if (shards > 1 and n % shards) or (isinstance(n, int) and n <= shards):
+      return apply(variables, x)    # not divisible, or one step: no loop to trace and lower
     return by_platform(looped, apply, variables, x)
 
   return run
