@@ -100,9 +100,9 @@ def conv3x3_winograd_where_it_pays(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarra
   programs, the tests), XLA's convolution elsewhere and on GPUs and TPUs (whose libraries
   pick their own algorithms); gradients are always the direct convolution's.
 
-  Opt-in: about a fifth faster per image at steady state on a CPU, but its program is
-  larger, so compiling, loading a cached executable and peak memory all cost more; a
-  short predict call was slower with it (docs/performance.md).
+  The model's default: about a fifth faster per image on a CPU; its program is larger, so
+  compiling (about twice as long) and loading a cached executable cost more
+  (docs/performance.md).
   """
   if not (winograd_pays(x.shape, w.shape, x.dtype) and ynn_fusions_off()):
     return conv3x3_xla(x, w)
