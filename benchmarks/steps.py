@@ -13,14 +13,14 @@ def paper_config():
 
 def step_fn(model, kind: str, for_counting: bool = False) -> Callable:
   """kind 'train': train_step.make_train_step with the paper's optimizer and loss terms,
-  (state, batch) -> (state, metrics); 'inference': (params, batch) -> (sr, heatmap), image
-  by image on a CPU as evaluation and predict run it (models.batching), or with
+  (state, batch) -> (state, metrics); 'inference': (params, batch) -> (sr, heatmap), a few
+  images at a time on a CPU as evaluation and predict run it (models.batching), or with
   `for_counting` the whole batch at once: XLA's cost analysis counts a loop's body once."""
   from spadnet_jax import losses, train_step  # pylint: disable=import-outside-toplevel
   from spadnet_jax.models import batching  # pylint: disable=import-outside-toplevel
   if kind == "inference":
     apply = lambda params, x: model.apply({"params": params}, x)
-    run = apply if for_counting else batching.image_by_image(apply)
+    run = apply if for_counting else batching.in_steps(apply, per_step=batching.images_per_step(model))
     return lambda params, batch: run(params, batch["lr_up"])
   cfg = paper_config()
   tx, schedule = train_step.make_optimizer(cfg, steps_per_epoch=10_000)

@@ -39,8 +39,8 @@ class Scoring:
 
 def make_eval_step(model: SPADNet, scoring: Scoring = Scoring(), shards: int = 1) -> Callable:
   """(variables, batch) -> (per-image metrics, sr, heatmap) for one padded batch, whose
-  images a CPU runs one per shard (of `shards`) at a time (models.batching)."""
-  apply = batching.image_by_image(model.apply, shards)
+  images a CPU runs a few per shard (of `shards`) at a time (models.batching)."""
+  apply = batching.in_steps(model.apply, shards, batching.images_per_step(model))
 
   def step(variables: Any, batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array,
                                                                  jax.Array | None]:

@@ -1,4 +1,6 @@
-"""models.batching: a batch through the model one image per shard at a time on a CPU."""
+"""models.batching: a batch through the model a few images per shard at a time on a CPU."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,29 +19,45 @@ def tiny():
   return model, variables, x
 
 
-@pytest.mark.parametrize("shards", [1, 2, 4])
-def test_image_by_image_computes_the_batch_in_its_order(tiny, shards):
+@pytest.mark.parametrize("shards,per_step", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 3)])
+def test_steps_compute_the_batch_in_its_order(tiny, shards, per_step):
   model, variables, x = tiny
+  x = jnp.concatenate([x, x[::-1] * 0.5])        # 8 distinct images
   want = model.apply(variables, x)
-  got = jax.jit(batching.image_by_image(model.apply, shards))(variables, x)
+  run = jax.jit(batching.in_steps(model.apply, shards, per_step))
+  got = run(variables, x)
   for g, w in zip(got, want):
     assert g.shape == w.shape
     np.testing.assert_allclose(g, w, rtol=0, atol=2e-5)
   # every image is its own: swapping two inputs swaps exactly those outputs
-  swapped = jax.jit(batching.image_by_image(model.apply, shards))(variables, x[jnp.array([1, 0, 2, 3])])
+  swapped = run(variables, x[jnp.array([1, 0, 2, 3, 4, 5, 6, 7])])
   np.testing.assert_allclose(swapped[0][0], got[0][1], rtol=0, atol=2e-5)
+
+
+def _steps(model, variables, x, shards=1, per_step=1):
+  """The loop's trip count in the CPU program, 0 where the batch runs whole."""
+  hlo = jax.jit(batching.in_steps(model.apply, shards, per_step)).lower(variables, x).compile().as_text()
+  return int(re.search(r'"known_trip_count":\{"n":"(\d+)"', hlo).group(1)) if "while" in hlo else 0
 
 
 def test_a_cpu_loops_and_other_platforms_take_the_batch_whole(tiny):
   model, variables, x = tiny
-  loops = lambda shards, x=x: "while" in jax.jit(batching.image_by_image(model.apply, shards)).lower(
-      variables, x).compile().as_text()
-  assert loops(1) and loops(2)
-  assert not loops(3)          # 4 images do not divide into 3 shards: the batch runs whole
-  assert not loops(4) and not loops(1, x[:1])     # one step: no loop
+  assert _steps(model, variables, x) == 4 and _steps(model, variables, x, shards=2) == 2
+  assert _steps(model, variables, x, per_step=2) == 2
+  assert _steps(model, variables, x, per_step=3) == 2     # 3 does not divide 4: 2 per step
+  assert _steps(model, variables, x, shards=3) == 0       # 4 images do not divide into 3 shards
+  assert _steps(model, variables, x, shards=4) == 0 and _steps(model, variables, x[:1]) == 0
+  assert _steps(model, variables, x, per_step=4) == 0     # one step: no loop
   with dispatch.traced_for("gpu"):
-    jaxpr = jax.make_jaxpr(batching.image_by_image(model.apply))(variables, x)
+    jaxpr = jax.make_jaxpr(batching.in_steps(model.apply))(variables, x)
   assert "scan" not in str(jaxpr)
+
+
+def test_images_per_step_keep_the_largest_feature_map_near_a_mebibyte():
+  assert batching.images_per_step(models.SPADNet(n_feats=64)) == 1      # the paper's: 1 MiB each
+  assert batching.images_per_step(models.SPADNet(n_feats=16)) == 4      # configs/default.py
+  assert batching.images_per_step(models.SPADNet(n_feats=16, dtype=jnp.bfloat16)) == 8
+  assert batching.images_per_step(models.SPADNet(n_feats=128)) == 1
 
 
 def test_the_benchmarks_count_flops_over_the_whole_batch(tiny):
@@ -52,4 +70,5 @@ def test_the_benchmarks_count_flops_over_the_whole_batch(tiny):
   per_image = [run.xla_flops(steps.step_fn(model, "inference", for_counting=True), specs(b)) / b
                for b in (1, 2)]
   assert per_image[0] > 0 and per_image[0] == pytest.approx(per_image[1], rel=1e-3)
-  assert run.xla_flops(steps.step_fn(model, "inference"), specs(2)) / 2 < 0.6 * per_image[1]
+  # the timed step of this 8-feature model takes 8 images per step: 2 steps for 16
+  assert run.xla_flops(steps.step_fn(model, "inference"), specs(16)) / 16 < 0.6 * per_image[1]

@@ -19,10 +19,10 @@ from spadnet_jax.data import contract
 
 def sr_function(model: Any) -> Callable[[Any, Any], Any]:
   """(variables, images (N, 128, 128, 3) in [0, 1]) -> the SR images, the heatmap dropped;
-  image by image on a CPU (models.batching)."""
+  a few images at a time on a CPU (models.batching; one, as the batch size is symbolic)."""
   # Here, not at the top: loading a stored program (program_cache) must not import Flax.
   from spadnet_jax.models import batching  # pylint: disable=import-outside-toplevel
-  return batching.image_by_image(lambda variables, x: model.apply(variables, x)[0])
+  return batching.in_steps(lambda variables, x: model.apply(variables, x)[0])
 
 
 def export_sr(model: Any, variables: Any, platforms: Sequence[str] | None = None) -> jax.export.Exported:
