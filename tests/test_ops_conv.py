@@ -92,6 +92,7 @@ def test_winograd_formulation_runs_where_it_pays(size, cin, cout, expected):
   w = jnp.zeros((3, 3, cin, cout), jnp.float32)
   assert ops.winograd_pays(x.shape, w.shape, x.dtype) is expected
   assert not ops.winograd_pays(x.shape, w.shape, jnp.bfloat16)
+  assert not ops.winograd_pays((2,) + x.shape[1:], w.shape, x.dtype)   # one image per call
   hlo = {impl: jax.jit(lambda x, w, impl=impl: ops.conv3x3(x, w, impl=impl)).lower(x, w).compile().as_text()
          for impl in ("winograd", "xla")}
   assert ("convolution(" not in hlo["winograd"]) is expected

@@ -21,9 +21,13 @@ CONV_IMPLS: Registry[ConvFormulation] = Registry("conv formulation")
 # 5-channel output heads gain nothing from 2.25x fewer multiplies. Nor where a conv has
 # more outputs than inputs (the upsamplers' 64 -> 256): its transformed outputs, 4x the
 # output, would set the program's peak (317 against 214 MiB of temporaries at batch 8)
-# for 2% of the time.
+# for 2% of the time. Nor for more than one image per call: at batch 4 one 64x64x64 conv
+# ran 9.9 against XLA's 7.4 ms (at batch 1 1.6 against 2.0), and the default 16-feature
+# model's train.py ran 3.4 against 4.0 steps/s; inference on a CPU runs the paper's model
+# one image per step (models.batching), training takes XLA's conv.
 WINOGRAD_MIN_SIZE = 64
 WINOGRAD_MIN_FEATURES = 8
+WINOGRAD_MAX_BATCH = 1
 # The XLA:CPU flag that turns its YNN fusions off (process_setup.CPU_FLAGS sets it in our
 # programs). With them on, XLA rewrites the Winograd transforms into dots of 4 that YNNPACK
 # runs slowly: the conv took 27 ms at 64x64x64, against 2 with them off (XLA's own: 4).
@@ -86,11 +90,12 @@ def ynn_fusions_off(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def winograd_pays(x_shape: tuple[int, ...], w_shape: tuple[int, ...], dtype: jnp.dtype) -> bool:
-  """Whether 'winograd' runs this convolution as F(2x2, 3x3) on XLA:CPU (WINOGRAD_MIN_*,
-  no more outputs than inputs): float32 only, since the transforms' round-off in bfloat16
-  would be that of 8 bits."""
+  """Whether 'winograd' runs this convolution as F(2x2, 3x3) on XLA:CPU (WINOGRAD_*: no
+  more outputs than inputs, a known batch of one): float32 only, since the transforms'
+  round-off in bfloat16 would be that of 8 bits."""
   return (jnp.dtype(dtype) == jnp.float32 and min(x_shape[1:3]) >= WINOGRAD_MIN_SIZE
-          and WINOGRAD_MIN_FEATURES < w_shape[-1] <= w_shape[-2])
+          and WINOGRAD_MIN_FEATURES < w_shape[-1] <= w_shape[-2]
+          and isinstance(x_shape[0], int) and x_shape[0] <= WINOGRAD_MAX_BATCH)
 
 
 @register_conv_formulation("winograd")
